@@ -1,0 +1,31 @@
+# Two commands: `make lab` and `make test`. Both set up .venv first and are safe to re-run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+KERNEL := big-model-inference
+STAMP := $(VENV)/.installed
+PORT ?= 8888
+
+.PHONY: lab test setup clean-cache
+
+setup: $(STAMP)
+
+# Reinstall only when the pins change. torch==2.13.0 is pinned in requirements.txt (a CPU build on
+# the lab machines); constraints.txt pins everything else pip resolves, for a reproducible install.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Big-model inference (.venv)"
+	touch $(STAMP)
+
+lab: setup
+	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --notebook-dir=notebooks \
+		--ServerApp.open_browser=False
+
+test: setup
+	$(BIN)/python -m pytest --nbmake --nbmake-timeout=600 -p no:cacheprovider tests notebooks
+
+clean-cache:
+	rm -rf .cache

@@ -1,0 +1,14 @@
+"""Helpers for the big-model inference notebooks: one module per concept.
+
+Importing this package changes no global state (no seeds, no plotting style, no environment).
+Modules:
+    memory       bytes per dtype, GB vs GiB, model / KV-cache / activation estimates
+    models       real Llama-2 configs from data/configs, meta-device models, exact parameter counts
+    devices      what this machine has: GPUs, RAM, free disk
+    measure      host (anonymous vs file-backed) and CUDA memory over time, as a timeline
+    child        run a function in a fresh child process, measured, optionally under a memory cap
+    checkpoints  a deterministic, cached factory of sharded safetensors checkpoints
+    plots        the matplotlib figures the notebooks show
+    widgets      the ipywidgets apps the notebooks show
+    source       show a helper's source in a notebook, so no magic hides the lesson
+"""

@@ -1,0 +1,262 @@
+"""A deterministic, cached factory of checkpoints: any config -> sharded safetensors + index.json.
+
+Nothing is downloaded: weights are generated tensor by tensor from a seed (normal with the
+config's `initializer_range`, norms at one), so a 70B-shaped *structure* at any scale can be
+written with only one shard in memory at a time. The folder is keyed by config, seed, dtype and
+shard size, written to a temporary name and renamed when complete, and reused when present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import PretrainedConfig
+
+from .memory import format_bytes
+from .models import load_config, meta_model
+from .paths import cache_dir
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAME = "pytorch_model.bin"
+_FACTORY_VERSION = 1  # bump when the generated values change
+_PROGRESS_FROM_BYTES = 256 * 2**20  # show a progress bar for anything bigger
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete or inconsistent (missing shard, missing tensor, truncated file)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder written by the factory."""
+
+    folder: Path
+    shards: tuple[Path, ...]
+    total_size: int  # bytes of tensor data, as index.json's metadata.total_size
+    num_tensors: int
+    dtype: torch.dtype
+    seed: int
+    reused: bool  # True when this call found it in the cache and wrote nothing
+
+    @property
+    def index_path(self) -> Path:
+        return self.folder / INDEX_NAME
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / "config.json"
+
+    def __repr__(self) -> str:
+        return (f"Checkpoint({len(self.shards)} shard(s), {self.num_tensors} tensors, "
+                f"{format_bytes(self.total_size)} of {str(self.dtype).removeprefix('torch.')}, seed {self.seed}, "
+                f"{'reused from cache' if self.reused else 'written'}\n  folder: {self.folder})")
+
+
+def _as_config(config: PretrainedConfig | str | Path) -> PretrainedConfig:
+    return config if isinstance(config, PretrainedConfig) else load_config(config)
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    text = size.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * units[unit])
+    return int(text)
+
+
+def checkpoint_key(config: PretrainedConfig, seed: int, dtype: torch.dtype, max_shard_size: int) -> str:
+    """The cache key: a hash of the config values, the seed, the dtype and the shard size."""
+    values = {k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
+    payload = json.dumps({"config": values, "seed": seed, "dtype": str(dtype), "shard": max_shard_size,
+                          "version": _FACTORY_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def tensor_specs(config: PretrainedConfig, dtype: torch.dtype) -> list[tuple[str, torch.Size]]:
+    """Names and shapes of the tensors a checkpoint holds, in state_dict order (tied weights once)."""
+    model = meta_model(config, dtype=dtype)
+    specs = [(name, p.shape) for name, p in model.named_parameters()]  # shared parameters appear once
+    persistent = set(model.state_dict())
+    specs += [(name, b.shape) for name, b in model.named_buffers() if name in persistent]
+    return specs
+
+
+def generate_tensor(name: str, shape: torch.Size, seed: int, std: float, dtype: torch.dtype) -> torch.Tensor:
+    """One deterministic tensor: norms are ones, biases zeros, the rest normal(0, std) from a per-name seed."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    if name.endswith(".bias"):
+        return torch.zeros(shape, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=generator, dtype=torch.float32).mul_(std).to(dtype)
+
+
+def iter_tensors(config: PretrainedConfig | str, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for the whole model, one tensor at a time."""
+    config = _as_config(config)
+    std = getattr(config, "initializer_range", 0.02)
+    for name, shape in tensor_specs(config, dtype):
+        yield name, generate_tensor(name, shape, seed, std, dtype)
+
+
+def plan_shards(specs: list[tuple[str, torch.Size]], dtype: torch.dtype, max_shard_size: int) -> list[list[str]]:
+    """Group tensor names into shards of at most max_shard_size bytes (a bigger tensor gets its own)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in specs:
+        nbytes = shape.numel() * itemsize
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def make_checkpoint(config: PretrainedConfig | str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    max_shard_size: int | str = "2GB", progress: bool | None = None) -> Checkpoint:
+    """Write (or reuse) a sharded safetensors checkpoint of `config` with deterministic weights."""
+    config = _as_config(config)
+    shard_bytes = _parse_size(max_shard_size)
+    key = checkpoint_key(config, seed, dtype, shard_bytes)
+    name = getattr(config, "name_or_path", "") or config.model_type
+    folder = cache_dir("checkpoints") / f"{Path(name).name or config.model_type}-{key}"
+    if (folder / INDEX_NAME).is_file():
+        return _describe(folder, dtype, seed, reused=True)
+
+    specs = tensor_specs(config, dtype)
+    groups = plan_shards(specs, dtype, shard_bytes)
+    shapes = dict(specs)
+    std = getattr(config, "initializer_range", 0.02)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = sum(s.numel() for _, s in specs) * itemsize
+    show = progress if progress is not None else total >= _PROGRESS_FROM_BYTES
+
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # only ever our own temporary folder
+    tmp.mkdir(parents=True)
+    weight_map = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {folder.name}", disable=not show) as bar:
+        for i, group in enumerate(groups, start=1):
+            shard_name = (f"model-{i:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1
+                          else "model.safetensors")
+            tensors = {n: generate_tensor(n, shapes[n], seed, std, dtype) for n in group}
+            save_file(tensors, tmp / shard_name, metadata={"format": "pt"})
+            bar.update(sum(t.numel() * itemsize for t in tensors.values()))
+            weight_map.update(dict.fromkeys(group, shard_name))
+            del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    config.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished the same checkpoint first: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _describe(folder, dtype, seed, reused=False)
+
+
+def make_pickle_checkpoint(config: PretrainedConfig | str | Path, *, seed: int = 0,
+                           dtype: torch.dtype = torch.float32) -> Path:
+    """Write (or reuse) the same weights as one `torch.save` pickle file: the notes' "normal" format."""
+    config = _as_config(config)
+    key = checkpoint_key(config, seed, dtype, 0)
+    folder = cache_dir("checkpoints", f"{Path(config.name_or_path).name or config.model_type}-pickle-{key}")
+    path = folder / PICKLE_NAME
+    if path.is_file():
+        return path
+    tmp = folder / f"{PICKLE_NAME}.tmp-{os.getpid()}"
+    torch.save(dict(iter_tensors(config, seed, dtype)), tmp)
+    config.save_pretrained(folder)
+    tmp.rename(path)
+    return path
+
+
+def read_index(folder: str | Path) -> dict:
+    """Read model.safetensors.index.json, with a clear error when it is missing or malformed."""
+    path = Path(folder) / INDEX_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: not a sharded safetensors checkpoint folder")
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+    if "weight_map" not in index:
+        raise CheckpointError(f"{path} has no 'weight_map'")
+    return index
+
+
+def read_safetensors_header(path: str | Path) -> dict:
+    """Read a safetensors file's JSON header (names, dtypes, shapes, byte offsets) without its data."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path.name} is truncated: {len(raw)} bytes, not even a header length")
+        (length,) = struct.unpack("<Q", raw)
+        if length > path.stat().st_size:
+            raise CheckpointError(f"{path.name} is corrupt: header claims {length:,} bytes, file has "
+                                  f"{path.stat().st_size:,}")
+        try:
+            return json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path.name} has a corrupt header ({exc})") from exc
+
+
+def verify_checkpoint(folder: str | Path) -> dict[str, int]:
+    """Check that index.json and the shards agree; return {shard: tensor count} or raise CheckpointError.
+
+    Catches: a shard named in the index that is missing, a truncated shard, a tensor the index
+    places in a shard that does not hold it, and total_size disagreeing with the shards.
+    """
+    folder = Path(folder)
+    index = read_index(folder)
+    by_shard: dict[str, list[str]] = {}
+    for tensor, shard in index["weight_map"].items():
+        by_shard.setdefault(shard, []).append(tensor)
+    total = 0
+    counts = {}
+    for shard, tensors in sorted(by_shard.items()):
+        path = folder / shard
+        if not path.is_file():
+            raise CheckpointError(f"shard {shard} is named in {INDEX_NAME} for {len(tensors)} tensors "
+                                  f"(e.g. {tensors[0]}) but does not exist in {folder}")
+        header = read_safetensors_header(path)
+        header.pop("__metadata__", None)
+        missing = [t for t in tensors if t not in header]
+        if missing:
+            raise CheckpointError(f"{INDEX_NAME} places {missing[0]} in {shard}, which does not hold it "
+                                  f"({len(missing)} such tensor(s))")
+        (length,) = struct.unpack("<Q", path.open("rb").read(8))
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if path.stat().st_size < 8 + length + end:
+            raise CheckpointError(f"shard {shard} is truncated: {path.stat().st_size:,} bytes, its header "
+                                  f"needs {8 + length + end:,}")
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values())
+        counts[shard] = len(header)
+    declared = index.get("metadata", {}).get("total_size")
+    if declared is not None and declared != total:
+        raise CheckpointError(f"{INDEX_NAME} says total_size={declared:,} but the shards hold {total:,} bytes")
+    return counts
+
+
+def _describe(folder: Path, dtype: torch.dtype, seed: int, reused: bool) -> Checkpoint:
+    index = read_index(folder)
+    shards = tuple(sorted({folder / s for s in index["weight_map"].values()}))
+    return Checkpoint(folder=folder, shards=shards, total_size=index["metadata"]["total_size"],
+                      num_tensors=len(index["weight_map"]), dtype=dtype, seed=seed, reused=reused)

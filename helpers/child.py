@@ -1,0 +1,247 @@
+"""Run a function in a fresh child process: measured, optionally under a real memory cap.
+
+A child process gives every experiment a clean baseline (nothing the notebook allocated earlier
+counts), and an out-of-memory failure there can never take the notebook's kernel down.
+
+The cap, and why this one:
+* "data" (Linux, the default): `RLIMIT_DATA` caps the child's private writable memory, which is
+  where `torch.load` copies and randomly initialised weights live. Memory-mapped files are not
+  counted, exactly as a GPU budget does not count what stays on disk, so the naive load fails
+  and the mmap / dispatch path passes under the same budget.
+* "address-space": `RLIMIT_AS` caps every mapping, files included: mapping a checkpoint bigger
+  than the budget fails even though it would never be resident. Shown for contrast.
+* "watchdog" (macOS, Windows, where the OS enforces neither): the parent polls the child's
+  resident memory and kills it when it crosses the budget. It is not a real allocation failure,
+  and results say so.
+* GPU: `torch.cuda.set_per_process_memory_fraction` makes the caching allocator refuse beyond
+  the budget, raising the real `torch.OutOfMemoryError`.
+
+Functions must be importable (defined in a module, such as `helpers`), because the child is
+started with "spawn": a fresh interpreter, never a fork of a kernel that holds threads and a GPU.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import psutil
+
+from .measure import MemoryTimeline, MemoryTrace, read_host_memory
+from .memory import format_bytes
+
+CAP_KINDS = ("data", "address-space", "watchdog")
+
+
+@dataclass(frozen=True)
+class MemoryCap:
+    """A memory budget for a child: how many bytes its work may add, and how it is enforced."""
+
+    budget_bytes: int
+    kind: str = "data" if sys.platform.startswith("linux") else "watchdog"
+
+    def __post_init__(self):
+        if self.kind not in CAP_KINDS:
+            raise ValueError(f"unknown cap kind {self.kind!r}; choose one of {CAP_KINDS}")
+        if self.kind != "watchdog" and not sys.platform.startswith("linux"):
+            raise ValueError(f"a {self.kind!r} cap needs Linux; on {sys.platform} use kind='watchdog'")
+        if self.budget_bytes <= 0:
+            raise ValueError(f"budget must be positive, got {self.budget_bytes}")
+
+    @property
+    def enforced_by(self) -> str:
+        return {"data": "the kernel (RLIMIT_DATA)", "address-space": "the kernel (RLIMIT_AS)",
+                "watchdog": "a watchdog that kills the child (no real allocation failure)"}[self.kind]
+
+
+@dataclass
+class ChildResult:
+    """What came back from the child: its value or its real error, and its memory trace."""
+
+    value: Any = None
+    error_type: str | None = None
+    error_message: str | None = None
+    error_traceback: str | None = None
+    exception: BaseException | None = None  # the real exception object, when it pickles
+    trace: MemoryTrace | None = None
+    exit_code: int | None = None
+    killed_by_watchdog: bool = False
+    cap: MemoryCap | None = None
+    gpu_budget_bytes: int | None = None
+    wall_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error_type is None
+
+    def reraise(self) -> None:
+        """Raise the child's exception here, so the notebook shows the real error and traceback."""
+        if self.ok:
+            return
+        if self.exception is not None:
+            raise self.exception
+        raise RuntimeError(f"{self.error_type}: {self.error_message}")
+
+    def __repr__(self) -> str:
+        status = "ok" if self.ok else f"FAILED with {self.error_type}: {_first_line(self.error_message)}"
+        lines = [f"ChildResult({status}", f"  wall time {self.wall_seconds:.2f} s, exit code {self.exit_code}"]
+        if self.cap:
+            lines.append(f"  cap: {format_bytes(self.cap.budget_bytes)} on top of the child's start, "
+                         f"enforced by {self.cap.enforced_by}")
+        if self.gpu_budget_bytes:
+            lines.append(f"  GPU budget: {format_bytes(self.gpu_budget_bytes)} "
+                         "(torch.cuda.set_per_process_memory_fraction)")
+        if self.trace is not None:
+            lines.append(f"  {self.trace!r}")
+        return "\n".join(lines) + ")"
+
+
+def _first_line(text: str | None, limit: int = 200) -> str:
+    line = (text or "").strip().splitlines()[0] if text and text.strip() else ""
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _apply_cap(cap: MemoryCap | None) -> None:
+    """In the child: cap what the work may add on top of what the fresh interpreter already uses."""
+    if cap is None or cap.kind == "watchdog":
+        return
+    import resource
+
+    if cap.kind == "data":
+        limit = read_host_memory().data + cap.budget_bytes
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    else:
+        vm = psutil.Process().memory_info().vms
+        resource.setrlimit(resource.RLIMIT_AS, (vm + cap.budget_bytes, vm + cap.budget_bytes))
+
+
+def _apply_gpu_budget(budget: int | None) -> None:
+    if budget is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("a GPU budget was given but this machine has no CUDA device")
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), 0)
+
+
+def _child_main(conn, fn, args, kwargs, cap, gpu_budget, interval) -> None:
+    result = ChildResult(cap=cap, gpu_budget_bytes=gpu_budget)
+    timeline = MemoryTimeline(interval=interval)
+    try:
+        _apply_gpu_budget(gpu_budget)
+        _apply_cap(cap)
+        with timeline:
+            result.value = fn(*args, timeline=timeline, **kwargs) if _accepts_timeline(fn) else fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent
+        result.error_type = type(exc).__name__
+        result.error_message = str(exc)
+        result.error_traceback = traceback.format_exc()
+        try:
+            pickle.dumps(exc)
+            result.exception = exc
+        except Exception:  # noqa: BLE001 - an unpicklable exception is still reported as text
+            pass
+        result.value = None
+    result.trace = timeline.trace
+    conn.send(result)
+    conn.close()
+
+
+def _accepts_timeline(fn: Callable) -> bool:
+    import inspect
+
+    try:
+        return "timeline" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def run_in_child(fn: Callable, *args, cap: MemoryCap | None = None, gpu_budget_bytes: int | None = None,
+                 interval: float = 0.002, timeout: float | None = 600, **kwargs) -> ChildResult:
+    """Run `fn(*args, **kwargs)` in a fresh process and return its value or error, and its memory trace.
+
+    If `fn` takes a `timeline` argument it receives the child's MemoryTimeline, to `mark` phases.
+    `cap` limits host memory (see MemoryCap); `gpu_budget_bytes` limits CUDA memory on cuda:0.
+    """
+    if getattr(fn, "__module__", None) in (None, "__main__") or "<locals>" in getattr(fn, "__qualname__", ""):
+        raise ValueError(f"{getattr(fn, '__qualname__', fn)!r} is defined in the notebook; the child process "
+                         "cannot import it. Put it in a module (e.g. a .py file next to the notebook) and import it.")
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child_main, args=(send, fn, args, kwargs, cap, gpu_budget_bytes, interval),
+                          name=f"child:{fn.__qualname__}")
+    start = time.perf_counter()
+    process.start()
+    send.close()
+    watchdog = _Watchdog(process.pid, cap) if cap is not None and cap.kind == "watchdog" else None
+    result = None
+    try:
+        if receive.poll(timeout):
+            result = receive.recv()
+    except EOFError:
+        result = None  # the child died before sending anything (killed)
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        if watchdog:
+            watchdog.stop()
+    if result is None:
+        result = ChildResult(cap=cap, gpu_budget_bytes=gpu_budget_bytes)
+        if watchdog and watchdog.fired:
+            result.killed_by_watchdog = True
+            result.error_type = "WatchdogKill"
+            result.error_message = (f"the watchdog killed the child at {format_bytes(watchdog.seen)} resident, "
+                                    f"over the budget (an emulated OOM: this OS does not enforce the cap)")
+            result.trace = watchdog.trace
+        else:
+            result.error_type = "ChildDied"
+            result.error_message = (f"the child exited with code {process.exitcode} without a result "
+                                    "(killed by a signal, or timed out)")
+    result.exit_code = process.exitcode
+    result.wall_seconds = time.perf_counter() - start
+    return result
+
+
+class _Watchdog:
+    """Parent-side poller that kills the child once its RSS exceeds its start plus the budget."""
+
+    def __init__(self, pid: int, cap: MemoryCap, interval: float = 0.005):
+        self.process = psutil.Process(pid)
+        self.cap, self.interval = cap, interval
+        self.fired, self.seen = False, 0
+        self.trace = MemoryTrace()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        base = None
+        while not self._stop.wait(self.interval):
+            try:
+                rss = self.process.memory_info().rss
+            except psutil.Error:
+                return
+            self.trace.t.append(time.perf_counter() - start)
+            self.trace.anon.append(rss)
+            self.trace.file.append(0)
+            self.trace.cuda.append(0)
+            base = rss if base is None else base
+            if rss - base > self.cap.budget_bytes:
+                self.fired, self.seen = True, rss
+                self.process.kill()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

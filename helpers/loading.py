@@ -1,0 +1,89 @@
+"""The ways to load a checkpoint, each a few lines, each marking its phases on a memory timeline.
+
+These run inside a child process (helpers.child.run_in_child) so each starts from a clean
+baseline. The notebooks print their source: the lines here are the lesson.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from .checkpoints import read_index
+from .measure import MemoryTimeline
+from .models import load_config
+
+
+def _start(config_name: str, timeline: MemoryTimeline):
+    """Load the config and import the model code first, so the timeline measures only the loading."""
+    config = load_config(config_name)
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(config)  # imports the modeling code; costs no weights
+    timeline.reset()
+    return config
+
+
+@torch.no_grad()
+def _fingerprint(model: torch.nn.Module) -> dict:
+    """A small summary proving what got loaded: parameter count, dtype, and a checksum of one weight."""
+    weight = model.get_input_embeddings().weight
+    return {"parameters": sum(p.numel() for p in model.parameters()), "dtype": str(weight.dtype),
+            "device": str(weight.device), "checksum": float(weight.sum(dtype=torch.float64))}
+
+
+def naive_load(config_name: str, pickle_path: str | Path, timeline: MemoryTimeline) -> dict:
+    """The notes' normal path: build the model (random init), torch.load the file, load_state_dict."""
+    config = _start(config_name, timeline)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # 1st copy: random weights
+    timeline.mark("model built (random init)")
+    state_dict = torch.load(pickle_path, weights_only=True)  # 2nd copy: the file's tensors
+    timeline.mark("torch.load done")
+    model.load_state_dict(state_dict)  # copies into the 1st copy
+    timeline.mark("load_state_dict done")
+    del state_dict
+    timeline.mark("state_dict freed")
+    return _fingerprint(model)
+
+
+def meta_then_load(config_name: str, pickle_path: str | Path, timeline: MemoryTimeline) -> dict:
+    """Fix 1: build on the meta device (no random init), then adopt the loaded tensors (assign=True)."""
+    config = _start(config_name, timeline)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # shapes only
+    timeline.mark("model built (meta)")
+    state_dict = torch.load(pickle_path, weights_only=True)  # the only copy
+    timeline.mark("torch.load done")
+    model.load_state_dict(state_dict, assign=True)  # parameters *become* the loaded tensors
+    timeline.mark("load_state_dict done")
+    return _fingerprint(model)
+
+
+def mmap_load(config_name: str, pickle_path: str | Path, timeline: MemoryTimeline) -> dict:
+    """Fix 2: meta device + torch.load(mmap=True): tensors stay pages of the file until touched."""
+    config = _start(config_name, timeline)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    timeline.mark("model built (meta)")
+    state_dict = torch.load(pickle_path, weights_only=True, mmap=True)
+    timeline.mark("torch.load(mmap=True) done")
+    model.load_state_dict(state_dict, assign=True)
+    timeline.mark("load_state_dict done")
+    result = _fingerprint(model)  # reading every embedding value pulls those pages in
+    timeline.mark("embedding read")
+    return result
+
+
+def safetensors_load(config_name: str, checkpoint_folder: str | Path, timeline: MemoryTimeline) -> dict:
+    """Fix 3: meta device + safetensors shards, memory-mapped, one shard at a time."""
+    config = _start(config_name, timeline)
+    folder = Path(checkpoint_folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    timeline.mark("model built (meta)")
+    for shard in sorted(set(read_index(folder)["weight_map"].values())):
+        model.load_state_dict(load_file(folder / shard), strict=False, assign=True)
+        timeline.mark(f"{shard} loaded")
+    return _fingerprint(model)

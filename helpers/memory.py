@@ -1,0 +1,110 @@
+"""Memory arithmetic: bytes per parameter, GB vs GiB, and what inference needs beyond the weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GB = 10**9  # a gigabyte: what GPU vendors and disk makers print on the box
+GiB = 2**30  # a gibibyte: what nvidia-smi, torch and most tools actually report
+MB = 10**6
+MiB = 2**20
+
+#: Bytes one parameter takes in each storage type. int4 packs two values per byte.
+BYTES_PER_PARAM: dict[str, float] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int8": 1,
+    "int4": 0.5,
+}
+
+_TORCH_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.int8: "int8"}
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """Normalise a dtype (`torch.float16`, "fp16", "float16", "half") to a key of BYTES_PER_PARAM."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _TORCH_NAMES:
+            raise ValueError(f"no byte size known for {dtype}")
+        return _TORCH_NAMES[dtype]
+    aliases = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
+               "bf16": "bfloat16", "i8": "int8", "i4": "int4"}
+    name = aliases.get(dtype.lower(), dtype.lower())
+    if name not in BYTES_PER_PARAM:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(BYTES_PER_PARAM)}")
+    return name
+
+
+def bytes_per_param(dtype: str | torch.dtype) -> float:
+    """Bytes one parameter takes in `dtype`."""
+    return BYTES_PER_PARAM[dtype_name(dtype)]
+
+
+def weights_bytes(n_params: int, dtype: str | torch.dtype) -> int:
+    """Bytes the weights of an `n_params` model take in `dtype` (weights only)."""
+    return int(n_params * bytes_per_param(dtype))
+
+
+def format_bytes(n: float, unit: str = "auto") -> str:
+    """Readable bytes: `format_bytes(80e9, "GB")` -> '80.00 GB'; "auto" picks binary units (GiB, MiB)."""
+    units = {"B": 1, "KB": 10**3, "MB": MB, "GB": GB, "TB": 10**12,
+             "KiB": 2**10, "MiB": MiB, "GiB": GiB, "TiB": 2**40}
+    if unit == "auto":
+        unit = next((u for u in ("TiB", "GiB", "MiB", "KiB") if abs(n) >= units[u]), "B")
+    if unit == "B":
+        return f"{int(n):,} B"
+    return f"{n / units[unit]:,.2f} {unit}"
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU model and the memory printed on its box (decimal gigabytes)."""
+
+    name: str
+    memory_gb: float
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gb * GB)
+
+
+#: Common cards. Vendors quote decimal GB, and even those are rounded: an "80 GB" A100 exposes
+#: 81,920 MiB = 85.9 GB to CUDA; we keep the box numbers, as a buyer would.
+COMMON_GPUS: tuple[GPU, ...] = (
+    GPU("T4 16 GB", 16),
+    GPU("RTX 4090 24 GB", 24),
+    GPU("A100 40 GB", 40),
+    GPU("A100 80 GB", 80),
+    GPU("H100 80 GB", 80),
+)
+
+
+def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype: str | torch.dtype = "float16") -> int:
+    """Bytes of the KV cache: 2 (K and V) x layers x batch x tokens x kv_heads x head_dim x bytes.
+
+    With grouped-query attention (Llama-2-70B: 8 KV heads for 64 query heads) the cache is
+    num_attention_heads / num_key_value_heads times smaller than with full multi-head attention.
+    """
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(2 * config.num_hidden_layers * batch_size * seq_len * kv_heads * head_dim
+               * bytes_per_param(dtype))
+
+
+def activation_bytes(config, batch_size: int, seq_len: int, dtype: str | torch.dtype = "float16") -> int:
+    """Peak bytes of live activations in one decoder layer during a prefill of `seq_len` tokens.
+
+    Inference keeps no activations for backward, so only one layer's working set is alive at a
+    time. Its largest terms: the residual stream and the MLP's gate, up and product tensors
+    (batch x tokens x (2 hidden + 3 intermediate)), plus the attention scores of the eager
+    implementation (batch x heads x tokens x tokens). Fused attention (SDPA, flash) never
+    materialises the scores, so treat this as the upper estimate.
+    """
+    b = bytes_per_param(dtype)
+    hidden, inter = config.hidden_size, config.intermediate_size
+    stream = batch_size * seq_len * (2 * hidden + 3 * inter) * b
+    scores = batch_size * config.num_attention_heads * seq_len * seq_len * b
+    return int(stream + scores)
