@@ -78,9 +78,12 @@ def _parse_size(size: int | str) -> int:
     return int(text)
 
 
+_NOT_IN_KEY = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")  # the dtype argument decides
+
+
 def checkpoint_key(config: PretrainedConfig, seed: int, dtype: torch.dtype, max_shard_size: int) -> str:
     """The cache key: a hash of the config values, the seed, the dtype and the shard size."""
-    values = {k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
+    values = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY}
     payload = json.dumps({"config": values, "seed": seed, "dtype": str(dtype), "shard": max_shard_size,
                           "version": _FACTORY_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -138,6 +138,7 @@ def _child_main(conn, fn, args, kwargs, cap, gpu_budget, interval) -> None:
     try:
         _apply_gpu_budget(gpu_budget)
         _apply_cap(cap)
+        conn.send(("ready", psutil.Process().memory_info().rss))  # the watchdog's baseline
         with timeline:
             result.value = fn(*args, timeline=timeline, **kwargs) if _accepts_timeline(fn) else fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent
@@ -183,9 +184,15 @@ def run_in_child(fn: Callable, *args, cap: MemoryCap | None = None, gpu_budget_b
     send.close()
     watchdog = _Watchdog(process.pid, cap) if cap is not None and cap.kind == "watchdog" else None
     result = None
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        if receive.poll(timeout):
-            result = receive.recv()
+        while receive.poll(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            message = receive.recv()
+            if isinstance(message, ChildResult):
+                result = message
+                break
+            if watchdog:  # ("ready", rss): the child's imports are done, the budget starts here
+                watchdog.baseline = message[1]
     except EOFError:
         result = None  # the child died before sending anything (killed)
     finally:
@@ -219,6 +226,7 @@ class _Watchdog:
         self.process = psutil.Process(pid)
         self.cap, self.interval = cap, interval
         self.fired, self.seen = False, 0
+        self.baseline: int | None = None  # set when the child reports it is ready
         self.trace = MemoryTrace()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -226,7 +234,6 @@ class _Watchdog:
 
     def _run(self) -> None:
         start = time.perf_counter()
-        base = None
         while not self._stop.wait(self.interval):
             try:
                 rss = self.process.memory_info().rss
@@ -236,8 +243,7 @@ class _Watchdog:
             self.trace.anon.append(rss)
             self.trace.file.append(0)
             self.trace.cuda.append(0)
-            base = rss if base is None else base
-            if rss - base > self.cap.budget_bytes:
+            if self.baseline is not None and rss - self.baseline > self.cap.budget_bytes:
                 self.fired, self.seen = True, rss
                 self.process.kill()
                 return

@@ -31,11 +31,11 @@ def _fingerprint(model: torch.nn.Module) -> dict:
     """A small summary proving what got loaded: parameter count, dtype, and a checksum of one weight."""
     weight = model.get_input_embeddings().weight
     return {"parameters": sum(p.numel() for p in model.parameters()), "dtype": str(weight.dtype),
-            "device": str(weight.device), "checksum": float(weight.sum(dtype=torch.float64))}
+            "device": str(weight.device), "checksum": float(weight.sum())}  # reads every value, copies none
 
 
-def naive_load(config_name: str, pickle_path: str | Path, timeline: MemoryTimeline) -> dict:
-    """The notes' normal path: build the model (random init), torch.load the file, load_state_dict."""
+def naive_load(config_name: str, pickle_path: str | Path, timeline: MemoryTimeline, device: str = "cpu") -> dict:
+    """The notes' normal path: build the model (random init), torch.load the file, load_state_dict, move it."""
     config = _start(config_name, timeline)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # 1st copy: random weights
     timeline.mark("model built (random init)")
@@ -45,6 +45,9 @@ def naive_load(config_name: str, pickle_path: str | Path, timeline: MemoryTimeli
     timeline.mark("load_state_dict done")
     del state_dict
     timeline.mark("state_dict freed")
+    if device != "cpu":
+        model.to(device)  # the whole model must fit on the device
+        timeline.mark(f"moved to {device}")
     return _fingerprint(model)
 
 

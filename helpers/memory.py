@@ -108,3 +108,77 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype: str | torch.d
     stream = batch_size * seq_len * (2 * hidden + 3 * inter) * b
     scores = batch_size * config.num_attention_heads * seq_len * seq_len * b
     return int(stream + scores)
+
+
+def gpu_by_name(name: str, gpus: tuple[GPU, ...] = COMMON_GPUS) -> GPU:
+    """The GPU called `name` in `gpus` (COMMON_GPUS by default)."""
+    for gpu in gpus:
+        if gpu.name == name:
+            return gpu
+    raise ValueError(f"unknown GPU {name!r}; choose one of {[g.name for g in gpus]}")
+
+
+def compute_dtype(dtype: str | torch.dtype) -> str:
+    """The dtype activations and the KV cache live in: the weights' float type, float16 for int8/int4 weights."""
+    name = dtype_name(dtype)
+    return name if name in ("float32", "float16", "bfloat16") else "float16"
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """Does a model fit on a GPU? Weights + KV cache + activations against the memory on the box."""
+
+    model: str
+    dtype: str
+    gpu: GPU
+    n_params: int
+    batch_size: int
+    seq_len: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    estimated_extras: bool  # False when no config was given: KV cache and activations not estimated
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes
+
+    @property
+    def margin_bytes(self) -> int:
+        """GPU memory left over (negative: how much is missing)."""
+        return self.gpu.memory_bytes - self.total_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.margin_bytes >= 0
+
+    @property
+    def verdict(self) -> str:
+        margin = abs(self.margin_bytes)
+        how_much = f"{format_bytes(margin, 'GB')} ({format_bytes(margin, 'GiB')})"
+        return f"fits, {how_much} to spare" if self.fits else f"does NOT fit: short by {how_much}"
+
+    def __repr__(self) -> str:
+        def row(label: str, n: int) -> str:
+            return f"  {label:<12}{format_bytes(n, 'GB'):>13} {format_bytes(n, 'GiB'):>13}"
+
+        extras = [row("KV cache", self.kv_cache_bytes), row("activations", self.activation_bytes)]
+        if not self.estimated_extras:
+            extras = ["  (no config: KV cache and activations not estimated)"]
+        return "\n".join([
+            f"FitReport({self.model}, {self.n_params:,} params in {self.dtype} on {self.gpu.name}, "
+            f"batch {self.batch_size} x {self.seq_len:,} tokens",
+            row("weights", self.weights_bytes), *extras, row("total", self.total_bytes),
+            row("GPU", self.gpu.memory_bytes),
+            f"  {self.verdict}", ")"])
+
+
+def fit_report(n_params: int, dtype: str | torch.dtype, gpu: GPU | str, *, config=None, batch_size: int = 1,
+               seq_len: int = 0, model: str = "custom") -> FitReport:
+    """Weights in `dtype`, plus (given a config) KV cache and activations in compute_dtype(dtype), against `gpu`."""
+    gpu = gpu if isinstance(gpu, GPU) else gpu_by_name(gpu)
+    extras = compute_dtype(dtype)
+    kv = kv_cache_bytes(config, batch_size, seq_len, extras) if config is not None else 0
+    act = activation_bytes(config, batch_size, seq_len, extras) if config is not None else 0
+    return FitReport(model, dtype_name(dtype), gpu, n_params, batch_size, seq_len,
+                     weights_bytes(n_params, dtype), kv, act, config is not None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ def load_config(name_or_path: str | Path, **overrides) -> PretrainedConfig:
 
 def meta_model(config: PretrainedConfig, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Build the model on the meta device: every shape and dtype, zero bytes of weights."""
+    config = copy.deepcopy(config)  # from_config(dtype=...) writes the dtype into the config it is given
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype or torch.float32)
 

@@ -1,0 +1,114 @@
+"""The matplotlib figures the notebooks show. Each returns its Figure; none changes global style."""
+
+from __future__ import annotations
+
+import copy
+
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .measure import MemoryTrace
+from .memory import BYTES_PER_PARAM, COMMON_GPUS, GB, GPU, MiB, kv_cache_bytes, weights_bytes
+
+
+def plot_memory_timeline(trace: MemoryTrace, *, title: str = "", reference_bytes: dict[str, float] | None = None,
+                         baseline: str = "start", ax=None) -> Figure:
+    """Anonymous and file-backed host memory (and CUDA memory, if any) over time, with phase marks.
+
+    Memory is drawn relative to the trace's first sample, so the curve shows what the traced code
+    added. `reference_bytes` draws horizontal lines such as {"model size": n, "2 x model": 2 * n}.
+    """
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(9, 4))
+    else:
+        fig = ax.figure
+    a0, f0 = trace.anon[0], trace.file[0]
+    ax.plot(trace.t, [(a - a0) / MiB for a in trace.anon], label="anonymous (private copies)", color="tab:red")
+    ax.plot(trace.t, [(f - f0) / MiB for f in trace.file], label="file-backed (mapped pages)", color="tab:blue",
+            linestyle="--")
+    if any(trace.cuda):
+        ax.plot(trace.t, [c / MiB for c in trace.cuda], label="CUDA allocated", color="tab:green")
+    for name, value in (reference_bytes or {}).items():
+        ax.axhline(value / MiB, color="gray", linestyle=":", linewidth=1)
+        ax.annotate(name, (0, value / MiB), xytext=(2, 2), textcoords="offset points", color="gray", fontsize=8)
+    for t, label in trace.marks:
+        if label == baseline:
+            continue
+        ax.axvline(t, color="black", alpha=0.25, linewidth=1)
+        ax.annotate(label, (t, ax.get_ylim()[1]), xytext=(2, -10), textcoords="offset points", rotation=90,
+                    va="top", fontsize=8, alpha=0.8)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("MiB above the start")
+    ax.set_title(title)
+    ax.legend(loc="center right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _gpu_lines(ax: Axes, gpus: tuple[GPU, ...]) -> None:
+    """Dotted horizontal lines at each GPU's memory (decimal GB), one label per distinct size."""
+    sizes: dict[float, list[str]] = {}
+    for gpu in gpus:
+        sizes.setdefault(gpu.memory_gb, []).append(gpu.name)
+    for gb, names in sizes.items():
+        ax.axhline(gb, color="gray", linestyle=":", linewidth=1)
+        ax.annotate(" / ".join(names), (1.0, gb), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                    textcoords="offset points", ha="left", va="center", color="dimgray", fontsize=8)
+
+
+def plot_model_sizes(n_params: dict[str, int], gpus: tuple[GPU, ...] = COMMON_GPUS,
+                     dtypes: tuple[str, ...] = tuple(BYTES_PER_PARAM), ax: Axes | None = None) -> Figure:
+    """Weights of each model in each dtype (bars, decimal GB, log scale) against the memory of common GPUs."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+    else:
+        fig = ax.figure
+    width = 0.8 / len(dtypes)
+    for j, dtype in enumerate(dtypes):
+        xs = [i + (j - (len(dtypes) - 1) / 2) * width for i in range(len(n_params))]
+        gbs = [weights_bytes(n, dtype) / GB for n in n_params.values()]
+        bars = ax.bar(xs, gbs, width, label=dtype)
+        ax.bar_label(bars, labels=[f"{g:.0f}" if g >= 10 else f"{g:.1f}" for g in gbs], fontsize=7, padding=1)
+    _gpu_lines(ax, gpus)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(n_params)), list(n_params))
+    ax.set_ylabel("weights, GB (10^9 bytes, log scale)")
+    ax.set_title("Weights only, per dtype, against the memory on the box")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def plot_kv_cache(config, seq_lens: list[int], batch_sizes: list[int], dtype: str = "float16",
+                  budgets: dict[str, float] | None = None, ax: Axes | None = None) -> Figure:
+    """KV cache (GB, log-log) against context per batch size: grouped-query (solid) vs multi-head (dashed)."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+    else:
+        fig = ax.figure
+    mha = copy.deepcopy(config)  # the same model with one K and V per query head
+    mha.num_key_value_heads = config.num_attention_heads
+    for k, batch in enumerate(batch_sizes):
+        color = f"C{k}"
+        ax.plot(seq_lens, [kv_cache_bytes(config, batch, t, dtype) / GB for t in seq_lens], color=color,
+                marker="o", label=f"batch {batch}, {config.num_key_value_heads} KV heads (GQA)")
+        ax.plot(seq_lens, [kv_cache_bytes(mha, batch, t, dtype) / GB for t in seq_lens], color=color,
+                linestyle="--", linewidth=2.5, alpha=0.6,
+                label=f"batch {batch}, {config.num_attention_heads} KV heads (MHA)")
+    for name, value in (budgets or {}).items():
+        ax.axhline(value / GB, color="gray", linestyle=":", linewidth=1)
+        ax.annotate(name, (seq_lens[0], value / GB), xytext=(2, 2), textcoords="offset points", color="dimgray",
+                    fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(seq_lens, [f"{t:,}" for t in seq_lens])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(f"KV cache, GB ({dtype}, log scale)")
+    ax.set_title("KV cache grows with batch x tokens; grouped-query attention divides it")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig

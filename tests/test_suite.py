@@ -1,0 +1,74 @@
+"""Suite-level checks: notebooks committed clean, named and ordered, navigation generated, README in sync."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import navigation  # noqa: E402
+
+NOTEBOOKS = navigation.ordered_notebooks()
+README = (ROOT / "README.md").read_text()
+
+
+def cells(path):
+    return json.loads(path.read_text())["cells"]
+
+
+def text(cell):
+    return "".join(cell["source"])
+
+
+def test_notebooks_exist_and_are_numbered_in_order():
+    names = [p.name for p in NOTEBOOKS]
+    assert names, "no notebooks found"
+    numbers = [int(n[:2]) for n in names]
+    assert numbers == list(range(1, len(numbers) + 1)), f"gap or duplicate in numbering: {names}"
+    strays = [p.name for p in (ROOT / "notebooks").glob("*.ipynb") if p not in NOTEBOOKS]
+    assert not strays, f"notebooks not named NN_slug.ipynb: {strays}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_without_outputs(path):
+    nb = json.loads(path.read_text())
+    dirty = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+             and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not dirty, f"{path.name}: cells {dirty} carry outputs; strip them before committing"
+
+
+@pytest.mark.parametrize("i", range(len(NOTEBOOKS)), ids=[p.name for p in NOTEBOOKS])
+def test_navigation_cells_are_generated_and_current(i):
+    path = NOTEBOOKS[i]
+    expected = navigation.navigation_source(NOTEBOOKS, i)
+    nb_cells = cells(path)
+    assert text(nb_cells[0]) == expected and text(nb_cells[-1]) == expected, (
+        f"{path.name}: navigation is stale; run `python tools/navigation.py`")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_follows_the_house_style(path):
+    body = "\n".join(text(c) for c in cells(path) if c["cell_type"] == "markdown")
+    assert re.search(rf"^# {path.name[:2]} · ", body, flags=re.M), "title '# NN · ...' missing"
+    for heading in ("What you will learn", "Runs in", "On a GPU", "## Summary", "## Exercises", "**Next"):
+        assert heading in body, f"{path.name}: missing {heading!r}"
+    code = [text(c) for c in cells(path) if c["cell_type"] == "code"]
+    assert any("assert" in c for c in code), f"{path.name}: no claim is asserted"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_readme_table_lists_every_notebook(path):
+    assert f"notebooks/{path.name}" in README, f"README's notebook table lacks {path.name}"
+
+
+def test_readme_links_point_to_existing_files():
+    for target in re.findall(r"\]\(((?:notebooks|helpers|tests|data|benchmarks|tools)/[^)#]+)\)", README):
+        assert (ROOT / target).exists(), f"README links to missing {target}"
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in README
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
