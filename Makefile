@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 KERNEL := big-model-inference
 STAMP := $(VENV)/.installed
 PORT ?= 8888
+LAB_IP ?= 127.0.0.1
+# Containers and CI often run as root, which Jupyter refuses without this flag.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: lab test setup clean-cache
 
@@ -21,8 +24,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	touch $(STAMP)
 
 lab: setup
-	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --notebook-dir=notebooks \
-		--ServerApp.open_browser=False
+	$(BIN)/jupyter lab --no-browser --ip=$(LAB_IP) --port=$(PORT) --notebook-dir=notebooks \
+		$(ALLOW_ROOT)
 
 test: setup
 	$(BIN)/python -m pytest --nbmake --nbmake-timeout=600 -p no:cacheprovider tests notebooks

@@ -1,5 +1,6 @@
 """`make lab` really starts JupyterLab serving the notebooks (started, queried, stopped)."""
 
+import json
 import os
 import re
 import signal
@@ -7,7 +8,6 @@ import socket
 import subprocess
 import time
 import urllib.request
-import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +45,18 @@ def test_make_lab_serves_the_notebooks(tmp_path):
             f"http://127.0.0.1:{port}/api/kernelspecs", headers={"Authorization": f"token {token}"}), timeout=30))
         assert "big-model-inference" in kernels["kernelspecs"], kernels["kernelspecs"].keys()
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop make and the JupyterLab server it started (its whole process group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
         try:
             process.wait(timeout=20)
+            return
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            continue
