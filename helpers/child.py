@@ -28,8 +28,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -108,17 +109,37 @@ def _first_line(text: str | None, limit: int = 200) -> str:
 
 
 def _apply_cap(cap: MemoryCap | None) -> None:
-    """In the child: cap what the work may add on top of what the fresh interpreter already uses."""
+    """In the child: cap what the work may add on top of what the process uses now."""
     if cap is None or cap.kind == "watchdog":
         return
     import resource
 
+    # Only the soft limit is set, so it can be re-based when the measured work starts (after imports).
     if cap.kind == "data":
-        limit = read_host_memory().data + cap.budget_bytes
-        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        resource.setrlimit(resource.RLIMIT_DATA, (read_host_memory().data + cap.budget_bytes, hard))
     else:
-        vm = psutil.Process().memory_info().vms
-        resource.setrlimit(resource.RLIMIT_AS, (vm + cap.budget_bytes, vm + cap.budget_bytes))
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + cap.budget_bytes, hard))
+
+
+def _return_freed_memory_promptly() -> None:
+    """Make glibc give freed blocks of 128 KiB and more straight back to the OS (fixed mmap threshold).
+
+    By default glibc raises its mmap threshold after a large free, so later tensors come from the
+    heap and freed ones stay counted there; under a cap, memory that the program already released
+    would then still count. A GPU's caching allocator has the same habit (torch.cuda.empty_cache).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        pass
 
 
 def _apply_gpu_budget(budget: int | None) -> None:
@@ -135,12 +156,20 @@ def _apply_gpu_budget(budget: int | None) -> None:
 def _child_main(conn, fn, args, kwargs, cap, gpu_budget, interval) -> None:
     result = ChildResult(cap=cap, gpu_budget_bytes=gpu_budget)
     timeline = MemoryTimeline(interval=interval)
+    timeline.on_reset.append(lambda: _apply_cap(cap))  # the budget starts where the measurement starts
     try:
+        if cap is not None:
+            _return_freed_memory_promptly()
         _apply_gpu_budget(gpu_budget)
         _apply_cap(cap)
         conn.send(("ready", psutil.Process().memory_info().rss))  # the watchdog's baseline
         with timeline:
-            result.value = fn(*args, timeline=timeline, **kwargs) if _accepts_timeline(fn) else fn(*args, **kwargs)
+            try:
+                result.value = (fn(*args, timeline=timeline, **kwargs) if _accepts_timeline(fn)
+                                else fn(*args, **kwargs))
+            except BaseException:
+                timeline.mark("error raised")  # memory at the moment of failure
+                raise
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent
         result.error_type = type(exc).__name__
         result.error_message = str(exc)
@@ -242,6 +271,7 @@ class _Watchdog:
             self.trace.t.append(time.perf_counter() - start)
             self.trace.anon.append(rss)
             self.trace.file.append(0)
+            self.trace.data.append(0)
             self.trace.cuda.append(0)
             if self.baseline is not None and rss - self.baseline > self.cap.budget_bytes:
                 self.fired, self.seen = True, rss

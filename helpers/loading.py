@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from .checkpoints import read_index
 from .measure import MemoryTimeline
 from .models import load_config
 
 
-def _start(config_name: str, timeline: MemoryTimeline):
+def _start(config: str | PretrainedConfig, timeline: MemoryTimeline) -> PretrainedConfig:
     """Load the config and import the model code first, so the timeline measures only the loading."""
-    config = load_config(config_name)
+    config = load_config(config) if isinstance(config, str) else config
     with torch.device("meta"):
         AutoModelForCausalLM.from_config(config)  # imports the modeling code; costs no weights
     timeline.reset()
@@ -34,10 +34,11 @@ def _fingerprint(model: torch.nn.Module) -> dict:
             "device": str(weight.device), "checksum": float(weight.sum())}  # reads every value, copies none
 
 
-def naive_load(config_name: str, pickle_path: str | Path, timeline: MemoryTimeline, device: str = "cpu") -> dict:
+def naive_load(config_name: str | PretrainedConfig, pickle_path: str | Path, timeline: MemoryTimeline,
+               device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """The notes' normal path: build the model (random init), torch.load the file, load_state_dict, move it."""
     config = _start(config_name, timeline)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # 1st copy: random weights
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # 1st copy: random weights
     timeline.mark("model built (random init)")
     state_dict = torch.load(pickle_path, weights_only=True)  # 2nd copy: the file's tensors
     timeline.mark("torch.load done")
@@ -90,3 +91,53 @@ def safetensors_load(config_name: str, checkpoint_folder: str | Path, timeline: 
         model.load_state_dict(load_file(folder / shard), strict=False, assign=True)
         timeline.mark(f"{shard} loaded")
     return _fingerprint(model)
+
+
+def dispatch_load(config_name: str | PretrainedConfig, checkpoint_folder: str | Path, budget_bytes: int,
+                  offload_folder: str | Path, timeline: MemoryTimeline, dtype: torch.dtype = torch.float32,
+                  prompt_tokens: int = 16) -> dict:
+    """The fix, previewed: empty skeleton + load_checkpoint_and_dispatch under the budget, then a forward pass.
+
+    With a GPU the budget is the GPU's share (the rest goes to CPU RAM); without one, CPU RAM is the
+    fast tier (the budget) and disk the slow one.
+    """
+    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+    config = _start(config_name, timeline)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    timeline.mark("skeleton built (meta)")
+    max_memory = {0: budget_bytes, "cpu": 64 * 2**30} if torch.cuda.is_available() else {"cpu": budget_bytes}
+    model = load_checkpoint_and_dispatch(model, str(checkpoint_folder), device_map="auto", max_memory=max_memory,
+                                         no_split_module_classes=model._no_split_modules,
+                                         offload_folder=str(offload_folder), dtype=dtype)
+    timeline.mark("dispatched")
+    input_ids = torch.arange(prompt_tokens)[None] % config.vocab_size
+    with torch.no_grad():
+        logits = model(input_ids.to(next(iter(model.hf_device_map.values())) if torch.cuda.is_available() else "cpu")
+                       ).logits
+    timeline.mark("forward done")
+    placement: dict[str, int] = {}
+    for device in model.hf_device_map.values():
+        placement[str(device)] = placement.get(str(device), 0) + 1
+    return {"placement": placement, "device_map": dict(model.hf_device_map),
+            "last_logits": logits[0, -1, :8].float().cpu().tolist()}
+
+
+def reference_logits(config_name: str | PretrainedConfig, checkpoint_folder: str | Path,
+                     dtype: torch.dtype = torch.float32, prompt_tokens: int = 16) -> list[float]:
+    """The same forward pass with the whole model in memory: the reference dispatch must match."""
+    from safetensors.torch import load_file
+
+    config = load_config(config_name) if isinstance(config_name, str) else config_name
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    folder = Path(checkpoint_folder)
+    for shard in sorted(set(read_index(folder)["weight_map"].values())):
+        model.load_state_dict({k: v.to(dtype) for k, v in load_file(folder / shard).items()}, strict=False,
+                              assign=True)
+    model.model.rotary_emb.to_empty(device="cpu")  # non-persistent buffer: recompute it
+    model.model.rotary_emb.__init__(config)
+    input_ids = torch.arange(prompt_tokens)[None] % config.vocab_size
+    with torch.no_grad():
+        return model(input_ids).logits[0, -1, :8].float().tolist()

@@ -71,6 +71,7 @@ class MemoryTrace:
     t: list[float] = field(default_factory=list)  # seconds since the start
     anon: list[int] = field(default_factory=list)
     file: list[int] = field(default_factory=list)
+    data: list[int] = field(default_factory=list)  # VmData: private memory reserved, touched or not
     cuda: list[int] = field(default_factory=list)  # torch.cuda.memory_allocated(), 0 without CUDA
     marks: list[tuple[float, str]] = field(default_factory=list)
     kernel_peak_rss: int = 0  # VmHWM at the end (exact, not sampled); 0 where unknown
@@ -90,6 +91,11 @@ class MemoryTrace:
     def peak_anon_delta(self) -> int:
         """Highest anonymous memory above where the trace started: what the traced code added."""
         return self.peak_anon - self.baseline_anon
+
+    @property
+    def peak_data_delta(self) -> int:
+        """Highest reserved private memory (VmData, what RLIMIT_DATA counts) above the start."""
+        return max(self.data, default=0) - (self.data[0] if self.data else 0)
 
     @property
     def peak_file(self) -> int:
@@ -138,6 +144,7 @@ class MemoryTimeline:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
+        self.on_reset: list = []  # callables run at reset(), e.g. re-basing a memory cap after warm-up
 
     def sample(self) -> None:
         """Take one sample now (also called by the background thread)."""
@@ -147,6 +154,7 @@ class MemoryTimeline:
             self.trace.t.append(time.perf_counter() - self._t0)
             self.trace.anon.append(host.anon)
             self.trace.file.append(host.file)
+            self.trace.data.append(host.data)
             self.trace.cuda.append(cuda)
 
     def mark(self, label: str) -> None:
@@ -156,6 +164,8 @@ class MemoryTimeline:
 
     def reset(self) -> None:
         """Forget everything so far and start again from here (after imports and warm-up)."""
+        for callback in self.on_reset:
+            callback()
         with self._lock:
             self.trace = MemoryTrace()
             reset_peak_rss()
@@ -168,7 +178,7 @@ class MemoryTimeline:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def __enter__(self) -> "MemoryTimeline":
+    def __enter__(self) -> MemoryTimeline:
         reset_peak_rss()
         if _cuda_active():
             torch.cuda.synchronize()

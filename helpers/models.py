@@ -106,3 +106,51 @@ def llama_parameter_formula(config: PretrainedConfig) -> int:
     norms = 2 * h  # input and post-attention RMSNorm
     lm_head = 0 if config.tie_word_embeddings else v * h
     return v * h + n * (attention + mlp + norms) + h + lm_head  # + the final norm
+
+
+# --- the scaled replica of the 70B problem -------------------------------------------------------
+
+A100_80GB_BYTES = 80 * 10**9  # the box number, in decimal bytes, as the question is asked
+
+
+@dataclass(frozen=True)
+class VirtualA100:
+    """A memory budget that relates to the replica as an 80 GB A100 relates to Llama-2-70B.
+
+    scale = (Llama-2-70B in float32) / (80 GB) = 275.9 GB / 80 GB = 3.449, so the replica in
+    float32 is 3.449 budgets, in float16 1.72 budgets: neither fits, exactly as for the real model.
+    """
+
+    budget_bytes: int
+    scale: float
+    replica_fp32_bytes: int
+    real_fp32_bytes: int
+
+    def __repr__(self) -> str:
+        return (f"VirtualA100(budget {self.budget_bytes / 2**20:,.1f} MiB; the replica in float32 is "
+                f"{self.scale:.3f} budgets, as Llama-2-70B's {self.real_fp32_bytes / 1e9:.1f} GB is "
+                f"{self.scale:.3f} x 80 GB)")
+
+
+def replica_config(num_hidden_layers: int = 16) -> PretrainedConfig:
+    """Llama-2-70B's architecture at laptop scale: same proportions, fewer and narrower layers.
+
+    Kept from 70B: MLP width 3.5 x hidden (28672 / 8192), 8 query heads per KV head (64 / 8),
+    RMSNorm, SiLU, rotary embeddings. Scaled: hidden 8192 -> 768, 80 -> 16 layers, and the
+    vocabulary 32000 -> 4096 so the embeddings stay a small share of the model as they are in 70B.
+    """
+    config = load_config("llama-2-70b", hidden_size=768, intermediate_size=2688, num_attention_heads=8,
+                         num_key_value_heads=1, num_hidden_layers=num_hidden_layers, vocab_size=4096,
+                         dtype="float32")
+    config._name_or_path = "llama-2-70b-replica"
+    return config
+
+
+def virtual_a100(config: PretrainedConfig | None = None) -> VirtualA100:
+    """The budget for `config` (default: the replica) scaled as 80 GB is to Llama-2-70B in float32."""
+    config = config or replica_config()
+    real = count_parameters(meta_model(load_config("llama-2-70b"))) * 4
+    replica = count_parameters(meta_model(config)) * 4
+    scale = real / A100_80GB_BYTES
+    return VirtualA100(budget_bytes=int(replica / scale), scale=scale, replica_fp32_bytes=replica,
+                       real_fp32_bytes=real)

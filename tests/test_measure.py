@@ -2,8 +2,8 @@ import sys
 
 import pytest
 import torch
-
 import workloads
+
 from helpers.child import MemoryCap, run_in_child
 from helpers.measure import MemoryTimeline, read_host_memory
 from helpers.memory import MiB
