@@ -7,8 +7,12 @@ Modules:
     devices      what this machine has: GPUs, RAM, free disk
     measure      host (anonymous vs file-backed) and CUDA memory over time, as a timeline
     child        run a function in a fresh child process, measured, optionally under a memory cap
+    oom          predicting where memory runs out (load and prefill), to compare with where it does
     checkpoints  a deterministic, cached factory of sharded safetensors checkpoints
+    loading      the ways to load a checkpoint (normal path, meta + assign, mmap, safetensors, dispatch)
+    sizes        total and largest-layer sizes, cross-checked with accelerate
     plots        the matplotlib figures the notebooks show
     widgets      the ipywidgets apps the notebooks show
     source       show a helper's source in a notebook, so no magic hides the lesson
+    paths        where committed data and the git-ignored cache live
 """

@@ -23,19 +23,23 @@ started with "spawn": a fresh interpreter, never a fork of a kernel that holds t
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from .measure import MemoryTimeline, MemoryTrace, read_host_memory
 from .memory import format_bytes
+from .paths import cache_dir
 
 CAP_KINDS = ("data", "address-space", "watchdog")
 
@@ -76,6 +80,7 @@ class ChildResult:
     cap: MemoryCap | None = None
     gpu_budget_bytes: int | None = None
     wall_seconds: float = 0.0
+    output: str = ""  # what the child printed (progress bars, warnings), kept out of the notebook
 
     @property
     def ok(self) -> bool:
@@ -153,13 +158,27 @@ def _apply_gpu_budget(budget: int | None) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), 0)
 
 
-def _child_main(conn, fn, args, kwargs, cap, gpu_budget, interval) -> None:
+def _redirect_output(log_path: str | None) -> None:
+    """Send the child's stdout and stderr (file descriptors 1 and 2) to a log file the parent reads."""
+    if log_path is None:
+        return
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _child_main(conn, fn, args, kwargs, cap, gpu_budget, interval, log_path=None) -> None:
+    _redirect_output(log_path)
     result = ChildResult(cap=cap, gpu_budget_bytes=gpu_budget)
     timeline = MemoryTimeline(interval=interval)
     timeline.on_reset.append(lambda: _apply_cap(cap))  # the budget starts where the measurement starts
     try:
-        if cap is not None:
-            _return_freed_memory_promptly()
+        _return_freed_memory_promptly()
         _apply_gpu_budget(gpu_budget)
         _apply_cap(cap)
         conn.send(("ready", psutil.Process().memory_info().rss))  # the watchdog's baseline
@@ -206,8 +225,10 @@ def run_in_child(fn: Callable, *args, cap: MemoryCap | None = None, gpu_budget_b
                          "cannot import it. Put it in a module (e.g. a .py file next to the notebook) and import it.")
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child_main, args=(send, fn, args, kwargs, cap, gpu_budget_bytes, interval),
-                          name=f"child:{fn.__qualname__}")
+    log_fd, log_path = tempfile.mkstemp(prefix="child-", suffix=".log", dir=cache_dir("child-logs"))
+    os.close(log_fd)
+    process = ctx.Process(target=_child_main, name=f"child:{fn.__qualname__}",
+                          args=(send, fn, args, kwargs, cap, gpu_budget_bytes, interval, log_path))
     start = time.perf_counter()
     process.start()
     send.close()
@@ -245,6 +266,9 @@ def run_in_child(fn: Callable, *args, cap: MemoryCap | None = None, gpu_budget_b
                                     "(killed by a signal, or timed out)")
     result.exit_code = process.exitcode
     result.wall_seconds = time.perf_counter() - start
+    log = Path(log_path)
+    result.output = log.read_text(errors="replace")
+    log.unlink(missing_ok=True)
     return result
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from .checkpoints import read_index
-from .measure import MemoryTimeline
+from .measure import MemoryTimeline, read_host_memory
 from .models import load_config
 
 
@@ -141,3 +141,48 @@ def reference_logits(config_name: str | PretrainedConfig, checkpoint_folder: str
     input_ids = torch.arange(prompt_tokens)[None] % config.vocab_size
     with torch.no_grad():
         return model(input_ids).logits[0, -1, :8].float().tolist()
+
+
+def long_prompt_forward(config_name: str | PretrainedConfig, checkpoint_folder: str | Path,
+                        prompt_lengths: list[int], timeline: MemoryTimeline, batch_size: int = 1,
+                        device: str = "cpu") -> list[dict]:
+    """Load a model that fits, then run prefills of growing length until memory runs out.
+
+    Returns one row per prompt length: the memory the forward pass added on top of the weights
+    (reserved private memory, what the cap counts), or the real error where it failed.
+    """
+    from safetensors.torch import load_file
+
+    config = _start(config_name, timeline)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    folder = Path(checkpoint_folder)
+    for shard in sorted(set(read_index(folder)["weight_map"].values())):
+        model.load_state_dict(load_file(folder / shard), strict=False, assign=True)
+    model.model.rotary_emb.to_empty(device="cpu")
+    model.model.rotary_emb.__init__(config)  # recompute the non-persistent rotary buffer
+    model.to(device)
+    timeline.mark("weights loaded")
+    on_gpu = device != "cpu"
+    rows = []
+    for length in prompt_lengths:
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() if on_gpu else read_host_memory().data
+        timeline.mark(f"prefill {length}")
+        input_ids = (torch.arange(length).repeat(batch_size, 1) % config.vocab_size).to(device)
+        try:
+            with torch.no_grad():
+                out = model(input_ids, use_cache=True, logits_to_keep=1)
+            timeline.sample()
+            start = len(timeline.trace.t) - 1
+            while start > 0 and timeline.trace.marks[-1][0] < timeline.trace.t[start - 1]:
+                start -= 1
+            peak = torch.cuda.max_memory_allocated() if on_gpu else max(timeline.trace.data[start:])
+            rows.append({"tokens": length, "ok": True, "added": peak - before})
+            del out
+        except RuntimeError as exc:
+            timeline.mark(f"OOM at {length}")
+            rows.append({"tokens": length, "ok": False, "error": str(exc).splitlines()[0]})
+            break
+    return rows

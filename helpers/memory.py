@@ -99,14 +99,15 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype: str | torch.d
 
     Inference keeps no activations for backward, so only one layer's working set is alive at a
     time. Its largest terms: the residual stream and the MLP's gate, up and product tensors
-    (batch x tokens x (2 hidden + 3 intermediate)), plus the attention scores of the eager
-    implementation (batch x heads x tokens x tokens). Fused attention (SDPA, flash) never
-    materialises the scores, so treat this as the upper estimate.
+    (batch x tokens x (2 hidden + 3 intermediate)), plus, with eager attention, two score
+    matrices of batch x heads x tokens x tokens (each step, such as adding the mask or the
+    softmax, makes a new one while the old one is still alive). Fused attention (SDPA, flash)
+    never materialises the scores, so for those this is an upper estimate.
     """
     b = bytes_per_param(dtype)
     hidden, inter = config.hidden_size, config.intermediate_size
     stream = batch_size * seq_len * (2 * hidden + 3 * inter) * b
-    scores = batch_size * config.num_attention_heads * seq_len * seq_len * b
+    scores = 2 * batch_size * config.num_attention_heads * seq_len * seq_len * b
     return int(stream + scores)
 
 

@@ -173,7 +173,7 @@ def test_kv_cache_formula_matches_a_real_dynamic_cache(tiny_config):
 def test_activation_bytes_terms(config_70b):
     b, t = 2, 100
     stream = b * t * (2 * 8192 + 3 * 28672) * 2
-    scores = b * 64 * t * t * 2
+    scores = 2 * b * 64 * t * t * 2  # eager attention: two score matrices alive at once
     assert activation_bytes(config_70b, b, t) == stream + scores
     assert activation_bytes(config_70b, 1, 0) == 0
 
@@ -187,14 +187,14 @@ def test_fit_report_70b_fp16_does_not_fit_an_a100(config_70b):
     assert report.total_bytes == (weights_bytes(N_70B, "float16") + kv_cache_bytes(config_70b, 1, 4096)
                                   + activation_bytes(config_70b, 1, 4096))
     assert report.margin_bytes == 80 * GB - report.total_bytes
-    assert "does NOT fit: short by 62.28 GB (58.00 GiB)" in repr(report)
+    assert "does NOT fit: short by 64.43 GB (60.00 GiB)" in repr(report)
 
 
 def test_fit_report_int4_keeps_the_cache_in_float16(config_70b):
     report = fit_report(N_70B, "int4", gpu_by_name("A100 80 GB"), config=config_70b, batch_size=1, seq_len=4096)
     assert report.fits and report.weights_bytes == N_70B // 2
     assert report.kv_cache_bytes == kv_cache_bytes(config_70b, 1, 4096, "float16")
-    assert "fits, 41.18 GB (38.35 GiB) to spare" in repr(report)
+    assert "fits, 39.04 GB (36.35 GiB) to spare" in repr(report)
 
 
 def test_fit_report_float32_computes_in_float32(config_70b):
@@ -216,7 +216,7 @@ def test_exercise_answers_of_notebook_01(config_70b):
     assert round(weights_bytes(EXACT["llama-2-13b"], "bfloat16") / GiB, 2) == 24.24
     largest = max(b for b in range(1, 65)
                   if fit_report(N_70B, "int4", "A100 80 GB", config=config_70b, batch_size=b, seq_len=4096).fits)
-    assert largest == 10
+    assert largest == 7
 
 
 # --- figures --------------------------------------------------------------------------------------------------------
