@@ -150,6 +150,9 @@ def _return_freed_memory_promptly() -> None:
 def _apply_gpu_budget(budget: int | None) -> None:
     if budget is None:
         return
+    # Map GPU memory in 2 MiB pages instead of 20 MiB segments, so the budget is hit at the byte
+    # the arithmetic predicts, not up to one segment early. Read when CUDA first allocates.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
     if not torch.cuda.is_available():

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Run tests and notebooks on a lent GPU machine, which has torch and CUDA but may lack Jupyter
+# packages or carry other versions of transformers / accelerate. Wheels for Python 3.12, downloaded
+# on the dev machine into .gpu-wheels/ (git-ignored), are installed first when present:
+#   pip download --python-version 3.12 --only-binary=:all: -d .gpu-wheels transformers==5.24.0 ...
+# Usage: tools/gpu_run.sh [pytest args...]; executed notebooks are copied to $OUT when it is set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .gpu-wheels ]; then
+  python3 -m pip install -q --no-index --find-links .gpu-wheels \
+    transformers==5.24.0 huggingface_hub==2.4.0 accelerate==1.15.0 safetensors ipykernel ipywidgets \
+    nbclient nbformat nbmake pytest psutil tqdm matplotlib 2>&1 | tail -3
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1
+python3 -m ipykernel install --sys-prefix --name python3 >/dev/null 2>&1 || true
+python3 - <<'PY'
+import torch, transformers, accelerate
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}")
+print("GPU:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+PY
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -m pytest -p no:cacheprovider --nbmake --nbmake-timeout=600 --overwrite "$@"
+status=$?
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT/executed"
+  cp notebooks/*.ipynb "$OUT/executed/" 2>/dev/null || true
+fi
+exit $status
