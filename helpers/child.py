@@ -22,6 +22,7 @@ started with "spawn": a fresh interpreter, never a fork of a kernel that holds t
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -105,6 +106,9 @@ class ChildResult:
                          "(torch.cuda.set_per_process_memory_fraction)")
         if self.trace is not None:
             lines.append(f"  {self.trace!r}")
+        if self.error_type == "ChildDied" and self.output.strip():
+            tail = self.output.strip().splitlines()[-8:]
+            lines.append("  the child's last output:\n" + "\n".join(f"    {line}" for line in tail))
         return "\n".join(lines) + ")"
 
 
@@ -150,9 +154,6 @@ def _return_freed_memory_promptly() -> None:
 def _apply_gpu_budget(budget: int | None) -> None:
     if budget is None:
         return
-    # Map GPU memory in 2 MiB pages instead of 20 MiB segments, so the budget is hit at the byte
-    # the arithmetic predicts, not up to one segment early. Read when CUDA first allocates.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
     if not torch.cuda.is_available():
@@ -233,7 +234,8 @@ def run_in_child(fn: Callable, *args, cap: MemoryCap | None = None, gpu_budget_b
     process = ctx.Process(target=_child_main, name=f"child:{fn.__qualname__}",
                           args=(send, fn, args, kwargs, cap, gpu_budget_bytes, interval, log_path))
     start = time.perf_counter()
-    process.start()
+    with _child_environment(gpu_budget_bytes):
+        process.start()
     send.close()
     watchdog = _Watchdog(process.pid, cap) if cap is not None and cap.kind == "watchdog" else None
     result = None
@@ -273,6 +275,25 @@ def run_in_child(fn: Callable, *args, cap: MemoryCap | None = None, gpu_budget_b
     result.output = log.read_text(errors="replace")
     log.unlink(missing_ok=True)
     return result
+
+
+@contextlib.contextmanager
+def _child_environment(gpu_budget_bytes: int | None):
+    """Environment the child starts with (a spawned child copies ours at start; we restore it after).
+
+    With a GPU budget, CUDA memory is mapped in 2 MiB pages (expandable segments) instead of 20 MiB
+    segments, so the budget is hit at the byte the arithmetic predicts, not up to a segment early.
+    torch reads this setting when it loads, so it must be in the environment before the child starts.
+    """
+    key = "PYTORCH_CUDA_ALLOC_CONF"
+    saved = os.environ.get(key)
+    if gpu_budget_bytes is not None and saved is None:
+        os.environ[key] = "expandable_segments:True"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
 
 
 class _Watchdog:
