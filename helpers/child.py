@@ -22,7 +22,6 @@ started with "spawn": a fresh interpreter, never a fork of a kernel that holds t
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -151,6 +150,15 @@ def _return_freed_memory_promptly() -> None:
         pass
 
 
+def _start_worker_threads() -> None:
+    """Start torch's intra-op thread pool now, before any cap: its threads' stacks (8 MiB each) are
+    private memory that RLIMIT_DATA counts, and a pool started under a cap fails to create them."""
+    import torch
+
+    torch.ones(2**20).add_(1)  # large enough for a parallel region on every core
+    torch.ones(64, 64) @ torch.ones(64, 64)
+
+
 def _apply_gpu_budget(budget: int | None) -> None:
     if budget is None:
         return
@@ -183,6 +191,7 @@ def _child_main(conn, fn, args, kwargs, cap, gpu_budget, interval, log_path=None
     timeline.on_reset.append(lambda: _apply_cap(cap))  # the budget starts where the measurement starts
     try:
         _return_freed_memory_promptly()
+        _start_worker_threads()
         _apply_gpu_budget(gpu_budget)
         _apply_cap(cap)
         conn.send(("ready", psutil.Process().memory_info().rss))  # the watchdog's baseline
@@ -234,8 +243,7 @@ def run_in_child(fn: Callable, *args, cap: MemoryCap | None = None, gpu_budget_b
     process = ctx.Process(target=_child_main, name=f"child:{fn.__qualname__}",
                           args=(send, fn, args, kwargs, cap, gpu_budget_bytes, interval, log_path))
     start = time.perf_counter()
-    with _child_environment(gpu_budget_bytes):
-        process.start()
+    process.start()
     send.close()
     watchdog = _Watchdog(process.pid, cap) if cap is not None and cap.kind == "watchdog" else None
     result = None
@@ -275,25 +283,6 @@ def run_in_child(fn: Callable, *args, cap: MemoryCap | None = None, gpu_budget_b
     result.output = log.read_text(errors="replace")
     log.unlink(missing_ok=True)
     return result
-
-
-@contextlib.contextmanager
-def _child_environment(gpu_budget_bytes: int | None):
-    """Environment the child starts with (a spawned child copies ours at start; we restore it after).
-
-    With a GPU budget, CUDA memory is mapped in 2 MiB pages (expandable segments) instead of 20 MiB
-    segments, so the budget is hit at the byte the arithmetic predicts, not up to a segment early.
-    torch reads this setting when it loads, so it must be in the environment before the child starts.
-    """
-    key = "PYTORCH_CUDA_ALLOC_CONF"
-    saved = os.environ.get(key)
-    if gpu_budget_bytes is not None and saved is None:
-        os.environ[key] = "expandable_segments:True"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(key, None)
 
 
 class _Watchdog:
