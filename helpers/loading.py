@@ -145,11 +145,12 @@ def reference_logits(config_name: str | PretrainedConfig, checkpoint_folder: str
 
 def long_prompt_forward(config_name: str | PretrainedConfig, checkpoint_folder: str | Path,
                         prompt_lengths: list[int], timeline: MemoryTimeline, batch_size: int = 1,
-                        device: str = "cpu") -> list[dict]:
+                        device: str = "cpu") -> dict:
     """Load a model that fits, then run prefills of growing length until memory runs out.
 
-    Returns one row per prompt length: the memory the forward pass added on top of the weights
-    (reserved private memory, what the cap counts), or the real error where it failed.
+    Returns the runtime's fixed cost (measured after a tiny warm-up forward: on a GPU mostly the
+    cuBLAS workspace) and one row per prompt length: the memory the forward pass added on top
+    (reserved private memory, what the cap counts, or CUDA memory), or the real error where it failed.
     """
     from safetensors.torch import load_file
 
@@ -162,8 +163,13 @@ def long_prompt_forward(config_name: str | PretrainedConfig, checkpoint_folder: 
     model.model.rotary_emb.to_empty(device="cpu")
     model.model.rotary_emb.__init__(config)  # recompute the non-persistent rotary buffer
     model.to(device)
-    timeline.mark("weights loaded")
     on_gpu = device != "cpu"
+    timeline.mark("weights loaded")
+    loaded = torch.cuda.memory_allocated() if on_gpu else read_host_memory().data
+    with torch.no_grad():
+        model(torch.arange(8)[None].to(device), use_cache=True, logits_to_keep=1)  # warm-up
+    overhead = (torch.cuda.memory_allocated() if on_gpu else read_host_memory().data) - loaded
+    timeline.mark("warm-up forward")
     rows = []
     for length in prompt_lengths:
         if on_gpu:
@@ -185,4 +191,4 @@ def long_prompt_forward(config_name: str | PretrainedConfig, checkpoint_folder: 
             timeline.mark(f"OOM at {length}")
             rows.append({"tokens": length, "ok": False, "error": str(exc).splitlines()[0]})
             break
-    return rows
+    return {"overhead": overhead, "rows": rows}
