@@ -12,32 +12,49 @@ from .measure import MemoryTrace
 from .memory import BYTES_PER_PARAM, COMMON_GPUS, GB, GPU, MiB, kv_cache_bytes, weights_bytes
 
 
-def plot_memory_timeline(trace: MemoryTrace, *, title: str = "", reference_bytes: dict[str, float] | None = None,
-                         baseline: str = "start", ax=None) -> Figure:
-    """Anonymous and file-backed host memory (and CUDA memory, if any) over time, with phase marks.
+_SERIES = {  # name -> (attribute of MemoryTrace, label, colour, line style)
+    "anon": ("anon", "anonymous (private copies)", "tab:red", "-"),
+    "file": ("file", "file-backed (mapped pages)", "tab:blue", "--"),
+    "data": ("data", "reserved private memory (what RLIMIT_DATA counts)", "tab:purple", "-."),
+    "cuda": ("cuda", "CUDA allocated", "tab:green", "-"),
+}
 
-    Memory is drawn relative to the trace's first sample, so the curve shows what the traced code
-    added. `reference_bytes` draws horizontal lines such as {"model size": n, "2 x model": 2 * n}.
+
+def plot_memory_timeline(trace: MemoryTrace, *, title: str = "", reference_bytes: dict[str, float] | None = None,
+                         series: tuple[str, ...] | None = None, baseline: str = "start", ax=None) -> Figure:
+    """Memory over time, relative to the trace's first sample, with the phase marks as vertical lines.
+
+    `series` picks the curves from "anon", "file", "data" and "cuda" (default: anon, file, and cuda
+    when any was used). `reference_bytes` draws horizontal lines such as {"2 x model": 2 * n}.
     """
     if ax is None:
         fig, ax = plt.subplots(figsize=(9, 4))
     else:
         fig = ax.figure
-    a0, f0 = trace.anon[0], trace.file[0]
-    ax.plot(trace.t, [(a - a0) / MiB for a in trace.anon], label="anonymous (private copies)", color="tab:red")
-    ax.plot(trace.t, [(f - f0) / MiB for f in trace.file], label="file-backed (mapped pages)", color="tab:blue",
-            linestyle="--")
-    if any(trace.cuda):
-        ax.plot(trace.t, [c / MiB for c in trace.cuda], label="CUDA allocated", color="tab:green")
-    for name, value in (reference_bytes or {}).items():
+    if series is None:
+        series = ("anon", "file", "cuda") if any(trace.cuda) else ("anon", "file")
+    for name in series:
+        attribute, label, color, style = _SERIES[name]
+        values = getattr(trace, attribute)
+        start = 0 if name == "cuda" else values[0]
+        ax.plot(trace.t, [(v - start) / MiB for v in values], label=label, color=color, linestyle=style)
+    for i, (name, value) in enumerate((reference_bytes or {}).items()):  # labels alternate left and right
         ax.axhline(value / MiB, color="gray", linestyle=":", linewidth=1)
-        ax.annotate(name, (0, value / MiB), xytext=(2, 2), textcoords="offset points", color="gray", fontsize=8)
-    for t, label in trace.marks:
-        if label == baseline:
-            continue
+        ax.annotate(name, (0.01 if i % 2 == 0 else 0.99, value / MiB), xycoords=("axes fraction", "data"),
+                    xytext=(0, 2), textcoords="offset points", color="gray", fontsize=8,
+                    ha="left" if i % 2 == 0 else "right")
+    marks = [(t, label) for t, label in trace.marks if label != baseline]
+    merged: list[tuple[float, str]] = []
+    for t, label in marks:  # marks closer than 3% of the time axis share one line and one label
+        if merged and t - merged[-1][0] < 0.03 * max(trace.duration, 1e-9):
+            merged[-1] = (merged[-1][0], merged[-1][1] + " / " + label)
+        else:
+            merged.append((t, label))
+    top = ax.get_ylim()[1]
+    for t, label in merged:
         ax.axvline(t, color="black", alpha=0.25, linewidth=1)
-        ax.annotate(label, (t, ax.get_ylim()[1]), xytext=(2, -10), textcoords="offset points", rotation=90,
-                    va="top", fontsize=8, alpha=0.8)
+        ax.annotate(label, (t, top), xytext=(2, -4), textcoords="offset points", rotation=90, va="top",
+                    fontsize=7, alpha=0.8)
     ax.set_xlabel("seconds")
     ax.set_ylabel("MiB above the start")
     ax.set_title(title)
