@@ -11,7 +11,6 @@ from matplotlib.figure import Figure
 from .measure import MemoryTrace
 from .memory import BYTES_PER_PARAM, COMMON_GPUS, GB, GPU, MiB, kv_cache_bytes, weights_bytes
 
-
 _SERIES = {  # name -> (attribute of MemoryTrace, label, colour, line style)
     "anon": ("anon", "anonymous (private copies)", "tab:red", "-"),
     "file": ("file", "file-backed (mapped pages)", "tab:blue", "--"),

@@ -72,3 +72,16 @@ def test_readme_links_point_to_existing_files():
 def test_ci_runs_the_readme_test_command():
     assert "make test" in README
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_code_is_tidy():
+    """ruff (pinned in requirements.txt) finds nothing in the library, the tests and the tools."""
+    import shutil
+    import subprocess
+
+    ruff = Path(sys.executable).with_name("ruff")
+    ruff = str(ruff) if ruff.exists() else shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed")
+    result = subprocess.run([ruff, "check", "helpers", "tests", "tools"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
