@@ -6,6 +6,7 @@ KERNEL := big-model-inference
 STAMP := $(VENV)/.installed
 PORT ?= 8888
 LAB_IP ?= 127.0.0.1
+NOTEBOOK_DIR ?= notebooks
 # Containers and CI often run as root, which Jupyter refuses without this flag.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
@@ -15,16 +16,18 @@ setup: $(STAMP)
 
 # Reinstall only when the pins change. torch==2.13.0 is pinned in requirements.txt (a CPU build on
 # the lab machines); constraints.txt pins everything else pip resolves, for a reproducible install.
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt constraints.txt pyproject.toml tools/lab-overrides.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Big-model inference (.venv)"
+	mkdir -p $(VENV)/share/jupyter/lab/settings  # no news or update pop-ups in front of a room
+	cp tools/lab-overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
 	touch $(STAMP)
 
 lab: setup
-	$(BIN)/jupyter lab --no-browser --ip=$(LAB_IP) --port=$(PORT) --notebook-dir=notebooks \
+	$(BIN)/jupyter lab --no-browser --ip=$(LAB_IP) --port=$(PORT) --notebook-dir=$(NOTEBOOK_DIR) \
 		$(ALLOW_ROOT)
 
 test: setup

@@ -128,3 +128,88 @@ def plot_kv_cache(config, seq_lens: list[int], batch_sizes: list[int], dtype: st
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
+
+
+# --- what accelerate's hooks did during a forward pass (notebook 06) ------------------------------
+
+_SPAN_COLOURS = {"compute": "tab:blue", "load": "tab:orange", "free": "tab:red"}
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("model.") or "<model>"
+
+
+def _memory_points(events, memory: str) -> tuple[list[float], list[float]]:
+    """(ms, MiB) at the start and end of every hook call: host memory above the first call, or CUDA allocated."""
+    base = events[0].host_before if memory == "host" else 0
+    ts, values = [], []
+    for e in events:
+        before, after = (e.host_before, e.host_after) if memory == "host" else (e.cuda_before, e.cuda_after)
+        ts += [e.start * 1e3, e.end * 1e3]
+        values += [(before - base) / MiB, (after - base) / MiB]
+    return ts, values
+
+
+def plot_hook_timeline(trace, *, memory: str = "host", block: str | None = None, title: str = "",
+                       reference_bytes: dict[str, float] | None = None) -> Figure:
+    """One forward pass as the hooks saw it: a row per device-map block (or, with `block`, per module inside it)
+    showing when weights were loaded, computed with and freed, above memory on the same time axis.
+
+    `memory` is "host" (anonymous memory above the first hook call) or "cuda" (torch.cuda.memory_allocated).
+    `reference_bytes` draws labelled horizontal lines on the memory panel, in the plotted quantity's bytes.
+    """
+    events = [e for e in trace.events if block is None or trace.block_of(e.module) == block]
+    rows: list[tuple[str, list[tuple[str, float, float]]]] = []  # label -> [(kind, start, end)]
+    if block is None:
+        for row in trace.summary():
+            spans = [("compute", row.start, row.end)]
+            spans += [(e.kind, e.start, e.end) for e in events
+                      if trace.block_of(e.module) == row.block and e.kind != "align"]
+            rows.append((f"{_short(row.block)} ({row.placed})", spans))
+    else:
+        pending: dict[str, object] = {}
+        by_module: dict[str, list[tuple[str, float, float]]] = {}
+        for e in events:
+            if not e.weight_bytes or e.module == block:
+                continue
+            if e.phase == "pre_forward":
+                pending[e.module] = e
+                continue
+            pre = pending.pop(e.module)
+            spans = by_module.setdefault(e.module, [])
+            spans.append(("compute", pre.end, e.start))
+            spans += [(x.kind, x.start, x.end) for x in (pre, e) if x.kind != "align"]
+        whole = [e for e in events if e.module == block] or events
+        rows = [(f"{_short(block)} (whole block)", [("compute", whole[0].start, whole[-1].end)])]
+        rows += [(name.removeprefix(block + "."), spans) for name, spans in by_module.items()]
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 0.8 + 0.25 * len(rows) + 2.4), sharex=True,
+                                      gridspec_kw={"height_ratios": [0.25 * len(rows) + 0.6, 2.0]})
+    for y, (_, spans) in enumerate(rows):
+        for kind, start, end in spans:
+            alpha = 0.35 if kind == "compute" else 1.0
+            width = max((end - start) * 1e3, 1e-3)
+            top.barh(y, width, left=start * 1e3, height=0.7, color=_SPAN_COLOURS[kind], alpha=alpha, linewidth=0)
+    top.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=7)
+    top.invert_yaxis()
+    top.grid(axis="x", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.35 if k == "compute" else 1.0)
+               for k, c in _SPAN_COLOURS.items()]
+    labels = ["forward (compute)", "pre_forward: load weights", "post_forward: free weights"]
+    top.legend(handles, labels, fontsize=7, loc="upper right" if block else "lower left", ncol=3)
+    top.set_title(title or ("one forward pass, hook by hook" if block is None else f"inside {block}"))
+
+    ts, values = _memory_points(events, memory)
+    bottom.plot(ts, values, color="tab:green" if memory == "cuda" else "tab:red", linewidth=1)
+    for name, value in (reference_bytes or {}).items():
+        bottom.axhline(value / MiB, color="gray", linestyle=":", linewidth=1)
+        bottom.annotate(name, (0.99, value / MiB), xycoords=("axes fraction", "data"), xytext=(0, 2),
+                        textcoords="offset points", ha="right", color="dimgray", fontsize=8)
+    bottom.set_ylabel("CUDA allocated, MiB" if memory == "cuda" else "host memory (anonymous),\nMiB above the start",
+                      fontsize=8)
+    bottom.set_xlabel("ms since the trace began")
+    bottom.grid(alpha=0.3)
+    if block is not None:
+        bottom.set_xlim(events[0].start * 1e3, events[-1].end * 1e3)
+    fig.tight_layout()
+    return fig

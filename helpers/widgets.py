@@ -96,3 +96,84 @@ def memory_calculator(models: dict[str, tuple[int, PretrainedConfig]] | None = N
                       gpus: tuple[GPU, ...] = COMMON_GPUS) -> MemoryCalculator:
     """The memory calculator app; `models` maps a name to (n_params, config), Llama-2 7B/13B/70B by default."""
     return MemoryCalculator(models, gpus)
+
+
+# --- the device-map explorer (notebook 05) ----------------------------------------------------------
+
+import io  # noqa: E402 - the explorer's imports, kept with it
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .device_maps import DeviceMapSummary, device_map_for_budgets, draw_device_map, summarize_device_map  # noqa: E402
+from .memory import format_bytes  # noqa: E402
+
+#: The `description` of every control of the device-map explorer ("{unit}" is the sliders' unit).
+DEVICE_MAP_DESCRIPTIONS = {"gpu": "GPU 0 budget ({unit})", "cpu": "CPU budget ({unit})", "plan": "Plan"}
+DEVICE_MAP_APP_CLASS = "device-map-explorer"
+DEVICE_MAP_PLAN_CLASS = "device-map-explorer-plan"
+DEVICE_MAP_STRIP_CLASS = "device-map-explorer-strip"
+_UNITS = {"MiB": 2**20, "GiB": 2**30, "MB": 10**6, "GB": 10**9}
+
+
+def device_map_plan_html(summary: DeviceMapSummary, gpu_bytes: int, cpu_bytes: int) -> str:
+    """The explorer's verdict line (what runs where) over the summary as it prints."""
+    on_gpu, on_cpu, on_disk = (summary.layers_on(d) for d in (0, "cpu", "disk"))
+    verdict = (f"{on_gpu} of {summary.num_layers} decoder layers on GPU 0, {on_cpu} in CPU RAM, {on_disk} on disk"
+               + (f"; layers {', '.join(map(str, summary.split_layers))} split" if summary.split_layers else ""))
+    budgets = f"budgets: GPU 0 {format_bytes(gpu_bytes)}, CPU {format_bytes(cpu_bytes)}, disk unlimited"
+    return (f"<b>{html.escape(verdict)}</b><br><small>{html.escape(budgets)}</small>"
+            f"<pre>{html.escape(repr(summary))}</pre>")
+
+
+class DeviceMapExplorer(widgets.VBox):
+    """GPU and CPU budgets in; the device map `device_map="auto"` would compute, drawn and summarised, out."""
+
+    def __init__(self, model, *, gpu_budget: int, cpu_budget: int, unit: str = "GiB", max_budget: int | None = None,
+                 step: int = 1, no_split_module_classes: list[str] | None = None, dtype=None, title: str = "") -> None:
+        self.model, self.dtype, self.title = model, dtype, title
+        self.no_split_module_classes = (list(no_split_module_classes) if no_split_module_classes is not None
+                                        else list(getattr(model, "_no_split_modules", None) or []))
+        self.unit, self.unit_bytes = unit, _UNITS[unit]
+        total = sum(p.numel() for p in model.parameters()) * 4  # float32 bytes: room enough on the sliders
+        top = max(max_budget or total, gpu_budget, cpu_budget) // self.unit_bytes
+        style = {"description_width": "150px"}
+        layout = widgets.Layout(width="560px")
+        self.gpu = widgets.IntSlider(value=gpu_budget // self.unit_bytes, min=0, max=top, step=step,
+                                     continuous_update=False, style=style, layout=layout,
+                                     description=DEVICE_MAP_DESCRIPTIONS["gpu"].format(unit=unit))
+        self.cpu = widgets.IntSlider(value=cpu_budget // self.unit_bytes, min=0, max=top, step=step,
+                                     continuous_update=False, style=style, layout=layout,
+                                     description=DEVICE_MAP_DESCRIPTIONS["cpu"].format(unit=unit))
+        self.strip = widgets.Image(format="png", layout=widgets.Layout(width="900px"))
+        self.strip.add_class(DEVICE_MAP_STRIP_CLASS)
+        self.plan = widgets.HTML(description=DEVICE_MAP_DESCRIPTIONS["plan"], style={"description_width": "40px"})
+        self.plan.add_class(DEVICE_MAP_PLAN_CLASS)
+        self.device_map: dict = {}
+        self.summary: DeviceMapSummary | None = None
+        for control in (self.gpu, self.cpu):
+            control.observe(self._update, names="value")
+        super().__init__(children=[self.gpu, self.cpu, self.strip, self.plan])
+        self.add_class(DEVICE_MAP_APP_CLASS)
+        self._update()
+
+    def _update(self, change: dict | None = None) -> None:
+        """Recompute the map from the sliders, redraw the strip and the summary (called on every change)."""
+        gpu_bytes, cpu_bytes = self.gpu.value * self.unit_bytes, self.cpu.value * self.unit_bytes
+        self.device_map = device_map_for_budgets(self.model, gpu_bytes, cpu_bytes, self.no_split_module_classes,
+                                                 self.dtype)
+        self.summary = summarize_device_map(self.device_map, self.model, self.dtype)
+        fig = draw_device_map(self.device_map, self.model, dtype=self.dtype, title=self.title)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90)
+        plt.close(fig)  # never shown by the notebook's inline backend: the Image widget shows it
+        self.strip.value = buffer.getvalue()
+        self.plan.value = device_map_plan_html(self.summary, gpu_bytes, cpu_bytes)
+
+
+def device_map_explorer(config_or_model, *, gpu_budget: int, cpu_budget: int, unit: str = "GiB",
+                        dtype=None, **kwargs) -> DeviceMapExplorer:
+    """The device-map explorer for a config (its skeleton is built on the meta device) or an existing skeleton."""
+    model = config_or_model
+    if isinstance(config_or_model, PretrainedConfig):
+        model = meta_model(config_or_model, dtype=dtype)
+    return DeviceMapExplorer(model, gpu_budget=gpu_budget, cpu_budget=cpu_budget, unit=unit, dtype=dtype, **kwargs)

@@ -1,0 +1,285 @@
+"""A local Hugging Face cache, so `hf_hub_download` and `from_pretrained("org/name")` work offline, unchanged.
+
+`publish_to_local_cache` puts a model folder into a hub cache exactly as a download would have left
+it: `models--org--name/blobs/<id>` holds each file once, named by its sha256 (large "LFS" files such
+as safetensors shards) or by its git blob sha1 (small files such as config.json), as the hub names
+them; `snapshots/<commit>/<file>` are relative symlinks to those blobs; `refs/main` names the commit;
+`trees/<commit>.json` is the file listing huggingface_hub keeps to check a snapshot is complete. The
+commit is a real git commit hash of those files (fixed author and date), so publishing the same
+files again gives the same commit and writes nothing.
+
+`offline_hub` switches huggingface_hub to offline mode and to that cache for the duration of a
+`with` block. huggingface_hub reads `HF_HUB_OFFLINE` and `HF_HUB_CACHE` from the environment once,
+when it is imported, so setting the variables later changes nothing by itself: the context manager
+sets both the variables (for child processes) and the module's constants (for this process).
+
+Everything is written under the suite's cache (`helpers.paths.cache_dir("hub")` by default), never
+in `~/.cache/huggingface`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .memory import format_bytes
+from .paths import cache_dir as suite_cache_dir
+
+DEFAULT_REPO_ID = "suite/tiny-llama"
+#: File types the hub's default .gitattributes stores with Git LFS (a subset: the ones models use).
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".model", ".npy",
+                ".npz", ".pkl", ".gguf", ".zip", ".gz", ".tar")
+LFS_MIN_BYTES = 10 * 2**20  # the hub refuses plain git files over 10 MiB: bigger ones are LFS whatever their type
+_AUTHOR = "suite <suite@localhost> 0 +0000"  # fixed author and date: same files, same commit hash
+
+
+def hub_cache_dir() -> Path:
+    """The suite's own hub cache root (inside `$BIGMODEL_CACHE` or `<repo>/.cache`), never ~/.cache/huggingface."""
+    return suite_cache_dir("hub")
+
+
+# --- how the hub names things -------------------------------------------------------------------
+
+def git_blob_id(data: bytes) -> str:
+    """git's object id of a file: sha1 of b"blob <size>\\0" + content (what `git hash-object` prints)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The small text file git stores in place of an LFS file; the hub's `blob_id` for it is its git id."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def is_lfs(name: str, size: int) -> bool:
+    """Would the hub store this file with Git LFS? (by type, as its default .gitattributes, or by size)."""
+    return name.endswith(LFS_SUFFIXES) or size >= LFS_MIN_BYTES
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    """One file of a repo as the hub describes it: its blob name in the cache, its size, and whether it is LFS."""
+
+    path: str  # inside the repo, with "/" separators
+    size: int
+    lfs: bool
+    blob: str  # the cache's blob file name: sha256 for LFS files, the git blob sha1 otherwise
+    git_id: str  # git's object id: of the content, or of the LFS pointer for LFS files (the tree API's `oid`)
+
+    def tree_entry(self) -> dict:
+        """The entry huggingface_hub writes in trees/<commit>.json for this file."""
+        entry = {"size": self.size, "blob_id": self.git_id}
+        if self.lfs:
+            entry.update(lfs_sha256=self.blob, lfs_size=self.size)
+        return entry
+
+
+def describe_file(root: Path, path: Path) -> CachedFile:
+    """Hash one file the way the hub does."""
+    size = path.stat().st_size
+    name = path.relative_to(root).as_posix()
+    if is_lfs(name, size):
+        sha256 = _sha256_file(path)
+        return CachedFile(name, size, True, sha256, git_blob_id(lfs_pointer(sha256, size)))
+    git_id = git_blob_id(path.read_bytes())
+    return CachedFile(name, size, False, git_id, git_id)
+
+
+def git_tree_id(files: list[CachedFile]) -> str:
+    """The git tree object id of these files (nested folders become nested trees), as `git write-tree` computes."""
+    def tree(entries: dict) -> str:
+        items = []
+        for name, value in entries.items():
+            if isinstance(value, dict):
+                items.append((name + "/", b"40000 " + name.encode() + b"\0" + bytes.fromhex(tree(value))))
+            else:
+                items.append((name, b"100644 " + name.encode() + b"\0" + bytes.fromhex(value)))
+        body = b"".join(item for _, item in sorted(items, key=lambda kv: kv[0].encode()))  # git's order
+        return hashlib.sha1(b"tree %d\0" % len(body) + body).hexdigest()
+
+    nested: dict = {}
+    for f in files:
+        *folders, name = f.path.split("/")
+        node = nested
+        for folder in folders:
+            node = node.setdefault(folder, {})
+        node[name] = f.git_id
+    return tree(nested)
+
+
+def git_commit_id(tree_id: str, message: str) -> str:
+    """The git commit id of a root commit with a fixed author and date (so it depends on the files only)."""
+    body = f"tree {tree_id}\nauthor {_AUTHOR}\ncommitter {_AUTHOR}\n\n{message}\n".encode()
+    return hashlib.sha1(b"commit %d\0" % len(body) + body).hexdigest()
+
+
+def repo_folder_name(repo_id: str, repo_type: str = "model") -> str:
+    """`org/name` -> `models--org--name`, the cache's folder for a repo."""
+    return "--".join([f"{repo_type}s", *repo_id.split("/")])
+
+
+# --- publishing ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LocalRepo:
+    """A repo published into a local hub cache: where it is, which commit, which files."""
+
+    repo_id: str
+    cache_dir: Path
+    commit: str
+    files: tuple[CachedFile, ...]
+    revision: str = "main"
+    reused: bool = False  # True when the cache already held this exact commit and nothing was written
+
+    @property
+    def storage_folder(self) -> Path:
+        return self.cache_dir / repo_folder_name(self.repo_id)
+
+    @property
+    def snapshot_folder(self) -> Path:
+        return self.storage_folder / "snapshots" / self.commit
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def __repr__(self) -> str:
+        lfs = sum(f.lfs for f in self.files)
+        return (f"LocalRepo({self.repo_id!r} @ {self.revision} = commit {self.commit[:12]}, {len(self.files)} files "
+                f"({lfs} LFS), {format_bytes(self.total_bytes)}, "
+                f"{'reused from the cache' if self.reused else 'published'}\n  cache_dir: {self.cache_dir})")
+
+
+def _is_published(repo: LocalRepo) -> bool:
+    storage = repo.storage_folder
+    ref = storage / "refs" / repo.revision
+    if not ref.is_file() or ref.read_text() != repo.commit:
+        return False
+    for f in repo.files:
+        pointer = repo.snapshot_folder / f.path
+        blob = storage / "blobs" / f.blob
+        if not blob.is_file() or blob.stat().st_size != f.size or not pointer.is_file():
+            return False
+    return (storage / "trees" / f"{repo.commit}.json").is_file()
+
+
+def _write_atomically(path: Path, data: bytes | None = None, source: Path | None = None) -> None:
+    """Write (or copy) to a temporary name next to `path`, then rename: readers never see half a file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.incomplete")
+    if source is not None:
+        shutil.copyfile(source, tmp)
+    else:
+        tmp.write_bytes(data or b"")
+    os.replace(tmp, path)
+
+
+def _link(pointer: Path, blob: Path) -> None:
+    """snapshots/<commit>/<file> -> ../../blobs/<id>, relative as huggingface_hub makes it (a copy without symlinks)."""
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    if pointer.is_symlink() or pointer.exists():
+        pointer.unlink()
+    try:
+        pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+    except OSError:  # no symlinks here (Windows without developer mode): huggingface_hub copies too
+        shutil.copyfile(blob, pointer)
+
+
+def publish_to_local_cache(folder: str | Path, repo_id: str = DEFAULT_REPO_ID, cache_dir: str | Path | None = None,
+                           revision: str = "main") -> LocalRepo:
+    """Put every file of `folder` into a local hub cache as if `snapshot_download(repo_id)` had fetched it.
+
+    Idempotent: the commit hash depends only on the files, and a commit already in the cache is
+    reused without writing anything. Writes only under `cache_dir` (default: `hub_cache_dir()`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder to publish")
+    root = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
+    paths = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = tuple(describe_file(folder, p) for p in paths)
+    commit = git_commit_id(git_tree_id(list(files)), f"Publish {repo_id} into a local cache (helpers.hub)")
+    repo = LocalRepo(repo_id, root.resolve(), commit, files, revision)
+    if _is_published(repo):
+        return LocalRepo(repo_id, repo.cache_dir, commit, files, revision, reused=True)
+
+    storage = repo.storage_folder
+    (storage / "blobs").mkdir(parents=True, exist_ok=True)
+    for f, source in zip(files, paths, strict=True):
+        blob = storage / "blobs" / f.blob
+        if not (blob.is_file() and blob.stat().st_size == f.size):
+            _write_atomically(blob, source=source)
+        _link(repo.snapshot_folder / f.path, blob)
+    tree = {"format_version": 1, "files": {f.path: f.tree_entry() for f in files}}
+    (storage / "trees").mkdir(exist_ok=True)
+    _write_atomically(storage / "trees" / f"{commit}.json", json.dumps(tree, indent=1).encode())
+    (storage / "refs").mkdir(exist_ok=True)
+    _write_atomically(storage / "refs" / revision, commit.encode())  # no newline, as huggingface_hub writes it
+    return repo
+
+
+def cache_tree(repo: LocalRepo, width: int = 16) -> str:
+    """The repo's cache folder as a `tree`-style listing: refs, snapshots (symlinks) and blobs, ids shortened."""
+    storage = repo.storage_folder
+
+    def short(name: str) -> str:
+        return name if len(name) <= width else name[:width] + "..."
+
+    lines = [f"{storage.name}/", "├── blobs/"]
+    for f in sorted(repo.files, key=lambda f: f.blob):
+        lines.append(f"│   ├── {short(f.blob):<{width + 3}}  {format_bytes(f.size):>10}  "
+                     f"{'sha256 (LFS)' if f.lfs else 'git sha1'}  = {f.path}")
+    lines += ["├── refs/", f"│   └── {repo.revision}  (contains {repo.commit})", "├── snapshots/",
+              f"│   └── {short(repo.commit)}/"]
+    for f in repo.files:
+        pointer = repo.snapshot_folder / f.path
+        target = os.readlink(pointer).replace(os.sep, "/") if pointer.is_symlink() else "(a copy)"
+        folder, _, blob = target.rpartition("/")
+        lines.append(f"│       ├── {f.path:<34} -> {folder + '/' if folder else ''}{short(blob)}")
+    lines += ["└── trees/", f"    └── {short(repo.commit)}.json  (the file listing)"]
+    return "\n".join(lines)
+
+
+# --- offline mode -------------------------------------------------------------------------------
+
+_ENV = ("HF_HUB_OFFLINE", "HF_HUB_CACHE")
+
+
+@contextmanager
+def offline_hub(cache_dir: str | Path | None = None) -> Iterator[Path]:
+    """Offline mode and the given hub cache, for the `with` block; everything is restored afterwards.
+
+    Sets the environment variables HF_HUB_OFFLINE=1 and HF_HUB_CACHE (seen by child processes and by
+    any huggingface_hub imported later) and the values huggingface_hub already read from them at
+    import (`huggingface_hub.constants.HF_HUB_OFFLINE` and `.HF_HUB_CACHE`, read by every call).
+    """
+    from huggingface_hub import constants
+
+    root = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
+    saved_env = {k: os.environ.get(k) for k in _ENV}
+    saved = (constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HUB_CACHE"] = str(root)
+    constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = True, str(root)
+    try:
+        yield root
+    finally:
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,651 @@
+"""A layer streamer: offloaded decoder layers' weights arrive in a few reused buffers just ahead of compute.
+
+accelerate's offload hook fetches a layer's weights when the layer starts, tensor by tensor, and
+waits for each copy; the compute waits for the copies and the copies wait for the compute. The
+hardware allows better: the time of a step is at best the larger of the compute time and the
+offloaded bytes divided by the bandwidth of the link they cross. This module gets close to that:
+
+* each offloaded layer's weights are one flat, contiguous byte range (a `LayerLayout`): one large
+  copy instead of nine small ones, and every parameter a typed view into it;
+* on a GPU, the layers placed on "cpu" live ONCE in host memory, page-locked in place
+  (`cudaHostRegister` on the exact bytes: no second host copy, and no rounding up), so the DMA
+  engine copies them asynchronously; layers placed on "disk" are read from the checkpoint's
+  safetensors shards with `pread` into page-locked staging buffers on a read-ahead thread;
+* copies run on a side CUDA stream, `depth` layers ahead of compute, ordered by CUDA events:
+  the compute stream waits for "layer i has arrived", the copy stream waits for "slot s is free";
+* on the device, `depth + 1` slot buffers of one layer each are reused for all streamed layers:
+  before a layer runs, its parameters are re-bound to views into the slot that holds its weights;
+* without a GPU the same idea moves disk -> RAM: a read-ahead thread `pread`s layer i+1's tensors
+  from the safetensors shards into a RAM slot while layer i computes.
+
+The hooks are plain torch forward pre/post hooks on the decoder layers (as in notebook 06's
+minimal offloader), so `remove()` restores the model to an ordinary module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .memory import format_bytes
+
+INDEX_NAME = "model.safetensors.index.json"
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
+                       "U8": torch.uint8, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
+PAGE = 4096
+
+
+# --- one flat byte buffer per layer, a typed view per parameter ------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamSpan:
+    """Where one parameter of a layer lives inside the layer's flat byte buffer."""
+
+    name: str  # relative to the layer, e.g. "mlp.up_proj.weight"
+    offset: int  # bytes from the start of the flat buffer
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """The byte layout shared by every streamed layer: one span per parameter, aligned."""
+
+    spans: tuple[ParamSpan, ...]
+    nbytes: int
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Typed views (one per parameter, in layout order) into a flat uint8 buffer of `nbytes`."""
+        assert flat.dtype == torch.uint8 and flat.numel() == self.nbytes, "a flat uint8 buffer of the layout's size"
+        return [flat[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.spans]
+
+    def __repr__(self) -> str:
+        return f"LayerLayout({len(self.spans)} parameters in one flat buffer of {format_bytes(self.nbytes)})"
+
+
+def layer_layout(layer: torch.nn.Module, align: int = 256) -> LayerLayout:
+    """Lay a layer's parameters end to end (each start aligned to `align` bytes), in named_parameters order."""
+    spans, offset = [], 0
+    for name, p in layer.named_parameters():
+        offset = -(-offset // align) * align
+        spans.append(ParamSpan(name, offset, tuple(p.shape), p.dtype))
+        offset += spans[-1].nbytes
+    return LayerLayout(tuple(spans), offset)
+
+
+# --- where each tensor's bytes are in the safetensors shards ---------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """A tensor's bytes inside a safetensors file: read them with one pread, no mmap, no extra copy."""
+
+    path: Path
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def tensor_locations(folder: str | Path) -> dict[str, TensorLocation]:
+    """Every tensor of a safetensors checkpoint folder (sharded with an index, or one model.safetensors)."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    shards = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+              else ["model.safetensors"])
+    found = {}
+    for shard in shards:
+        path = folder / shard
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            found[name] = TensorLocation(path, 8 + length + start, end - start, _SAFETENSORS_DTYPES[info["dtype"]],
+                                         tuple(info["shape"]))
+    return found
+
+
+class FileReader:
+    """Reads byte ranges of files straight into tensors with pread: the file's bytes land where they are used."""
+
+    def __init__(self):
+        self._fds: dict[Path, int] = {}
+        self.bytes_read = 0
+
+    def read_into(self, location: TensorLocation, out: torch.Tensor) -> None:
+        """Fill `out` (a contiguous CPU tensor of exactly location.nbytes) with the tensor's bytes."""
+        fd = self._fds.get(location.path)
+        if fd is None:
+            fd = self._fds[location.path] = os.open(location.path, os.O_RDONLY)
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        assert len(view) == location.nbytes, f"{len(view)} != {location.nbytes}"
+        done = 0
+        while done < location.nbytes:  # one read returns at most about 2 GiB on Linux
+            n = os.preadv(fd, [view[done:]], location.offset + done)
+            if n <= 0:
+                raise OSError(f"{location.path.name}: unexpected end of file at {location.offset + done}")
+            done += n
+        self.bytes_read += done
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def drop_from_page_cache(path: str | Path) -> None:
+    """Ask the kernel to forget a file's cached pages, so the next read really comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+# --- host memory: page-aligned, page-locked in place -----------------------------------------------
+
+
+def page_aligned_empty(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 CPU tensor of exactly `nbytes` whose first byte starts a memory page."""
+    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
+    shift = (-raw.data_ptr()) % PAGE
+    return raw[shift:shift + nbytes]
+
+
+def pin_in_place(t: torch.Tensor) -> None:
+    """Page-lock the memory a CPU tensor already has (cudaHostRegister): exact size, no copy.
+
+    `tensor.pin_memory()` would copy the data into memory from PyTorch's pinned allocator, which
+    rounds each block up to a power of two: 404 MB becomes 512 MiB, a third more than the weights.
+    """
+    error = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+    if error != 0:
+        raise RuntimeError(f"cudaHostRegister failed with CUDA error {error}")
+
+
+def unpin(t: torch.Tensor) -> None:
+    """Undo pin_in_place (cudaHostUnregister)."""
+    error = int(torch.cuda.cudart().cudaHostUnregister(t.data_ptr()))
+    if error != 0:
+        raise RuntimeError(f"cudaHostUnregister failed with CUDA error {error}")
+
+
+# --- the streamer ----------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamStats:
+    """What the streamer did: fetches issued, bytes moved, and time the compute thread spent waiting."""
+
+    fetches: int = 0
+    bytes_fetched: int = 0
+    wait_seconds: float = 0.0  # host time blocked in pre-hooks waiting for a read-ahead thread
+
+    def __repr__(self) -> str:
+        return (f"StreamStats({self.fetches} layer fetches, {format_bytes(self.bytes_fetched)}, "
+                f"{self.wait_seconds:.3f} s waiting for reads)")
+
+
+@dataclass
+class _Pending:
+    layer: int  # index into LayerStreamer.layers
+    slot: int
+    future: Future | None = None  # set when a read-ahead thread does (part of) the fetch
+
+
+class LayerStreamer:
+    """Streams the weights of some decoder layers into `depth + 1` reused device slots, `depth` layers ahead.
+
+    `sources[i]` says where streamed layer i's bytes are: a flat uint8 CPU tensor (host memory,
+    page-locked or not) or a list of TensorLocation in layout order (files on disk). Layers not
+    in `sources` are left alone (resident). Attach with `attach()`, undo with `remove()`.
+    """
+
+    def __init__(self, layers: Sequence[torch.nn.Module], sources: Mapping[int, torch.Tensor | list[TensorLocation]],
+                 layout: LayerLayout, device: str | torch.device, *, depth: int = 1, non_blocking: bool = True,
+                 side_stream: bool = True):
+        self.layers = list(layers)
+        self.sources = dict(sources)
+        self.layout = layout
+        self.device = torch.device(device)
+        self.on_gpu = self.device.type == "cuda"
+        self.depth = depth
+        self.non_blocking = non_blocking
+        self.order = sorted(self.sources)  # streamed layers in execution order (cyclic: the next token starts over)
+        self.stats = StreamStats()
+        self.handles: list = []
+        n_slots = depth + 1
+        # The device buffers, allocated once and reused for every streamed layer of every step.
+        self.slots = torch.empty(n_slots, layout.nbytes, dtype=torch.uint8, device=self.device)
+        self._slot_params = [[torch.nn.Parameter(v, requires_grad=False) for v in layout.views(self.slots[s])]
+                             for s in range(n_slots)]
+        self._targets = {i: self._param_targets(self.layers[i]) for i in self.order}
+        disk = any(not isinstance(src, torch.Tensor) for src in self.sources.values())
+        # GPU + disk: a page-locked staging buffer per slot that the read-ahead thread fills from the file.
+        self.staging: list[torch.Tensor] = []
+        if self.on_gpu and disk:
+            self.staging = [page_aligned_empty(layout.nbytes) for _ in range(n_slots)]
+            for buffer in self.staging:
+                pin_in_place(buffer)
+        self._reader = FileReader() if disk else None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="read-ahead") if disk else None
+        if self.on_gpu:
+            self.copy_stream = torch.cuda.Stream(self.device) if side_stream else None
+            self._arrived = [torch.cuda.Event() for _ in range(n_slots)]  # copy into slot s finished
+            self._freed = [torch.cuda.Event() for _ in range(n_slots)]  # compute reading slot s finished
+            self._staged = [torch.cuda.Event() for _ in range(n_slots)]  # copy out of staging s finished
+            self._freed_recorded = [False] * n_slots
+        self._pending: deque[_Pending] = deque()
+        self._issued = 0  # fetches issued so far: the n-th goes into slot n % (depth + 1)
+        self._next = 0  # position in self.order of the next layer to fetch
+        self._current: dict[int, int] = {}  # layer -> slot it computes from
+
+    def _param_targets(self, layer: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+        targets = []
+        for span in self.layout.spans:
+            module_name, _, leaf = span.name.rpartition(".")
+            targets.append((layer.get_submodule(module_name) if module_name else layer, leaf))
+        return targets
+
+    # -- fetching one layer into one slot --
+
+    def _read_file(self, i: int, out: torch.Tensor) -> None:
+        for location, view in zip(self.sources[i], self.layout.views(out), strict=True):
+            self._reader.read_into(location, view)
+
+    def _copy_to_slot(self, i: int, slot: int, host: torch.Tensor) -> None:
+        """On a GPU: copy a layer's flat host bytes into a device slot, on the copy stream when there is one."""
+        stream = self.copy_stream or torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(stream):
+            if self._freed_recorded[slot]:
+                stream.wait_event(self._freed[slot])  # the layer that used this slot has finished computing
+            self.slots[slot].copy_(host, non_blocking=self.non_blocking)
+            self._arrived[slot].record(stream)
+
+    def _disk_to_gpu(self, i: int, slot: int) -> None:
+        """Runs on the read-ahead thread: file -> page-locked staging -> device slot."""
+        self._staged[slot].synchronize()  # the previous copy out of this staging buffer is done
+        self._read_file(i, self.staging[slot])
+        self._copy_to_slot(i, slot, self.staging[slot])
+        self._staged[slot].record(self.copy_stream or torch.cuda.current_stream(self.device))
+
+    def _issue(self, i: int) -> None:
+        slot = self._issued % (self.depth + 1)
+        self._issued += 1
+        source = self.sources[i]
+        pending = _Pending(i, slot)
+        if self.on_gpu and isinstance(source, torch.Tensor):
+            self._copy_to_slot(i, slot, source)
+        elif self.on_gpu:
+            pending.future = self._thread.submit(self._disk_to_gpu, i, slot)
+        else:  # CPU: the slot is RAM; the read-ahead thread fills it from the file
+            pending.future = self._thread.submit(self._read_file, i, self.slots[slot])
+        self._pending.append(pending)
+        self.stats.fetches += 1
+        self.stats.bytes_fetched += self.layout.nbytes
+
+    def _drain(self) -> None:
+        """Forget prefetched layers (used when layers run out of the expected order)."""
+        while self._pending:
+            pending = self._pending.popleft()
+            if pending.future is not None:
+                pending.future.result()
+
+    # -- the two hooks --
+
+    def _pre_forward(self, i: int) -> None:
+        if not self._pending or self._pending[0].layer != i:  # first call, or an unexpected order
+            self._drain()
+            self._next = self.order.index(i)
+        while len(self._pending) < self.depth + 1:  # layer i itself, then `depth` layers ahead
+            self._issue(self.order[self._next])
+            self._next = (self._next + 1) % len(self.order)
+        pending = self._pending.popleft()
+        if pending.future is not None:
+            start = time.perf_counter()
+            pending.future.result()  # re-raises a read error here
+            self.stats.wait_seconds += time.perf_counter() - start
+        if self.on_gpu:
+            torch.cuda.current_stream(self.device).wait_event(self._arrived[pending.slot])
+        for (module, leaf), param in zip(self._targets[i], self._slot_params[pending.slot], strict=True):
+            module._parameters[leaf] = param  # the layer now computes from the slot
+        self._current[i] = pending.slot
+
+    def _post_forward(self, i: int) -> None:
+        slot = self._current.pop(i)
+        if self.on_gpu:
+            self._freed[slot].record(torch.cuda.current_stream(self.device))
+            self._freed_recorded[slot] = True
+
+    def attach(self) -> LayerStreamer:
+        for i in self.order:
+            layer = self.layers[i]
+            self.handles.append(layer.register_forward_pre_hook(lambda module, args, i=i: self._pre_forward(i)))
+            self.handles.append(layer.register_forward_hook(lambda module, args, output, i=i: self._post_forward(i)))
+        return self
+
+    def remove(self) -> None:
+        """Unregister the hooks, stop the read-ahead thread, close files, unpin the staging buffers."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self._drain()
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+        if self._reader is not None:
+            self._reader.close()
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+            for buffer in self.staging:
+                unpin(buffer)
+            self.staging = []
+
+    def __enter__(self) -> LayerStreamer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        kinds = {"host": sum(isinstance(s, torch.Tensor) for s in self.sources.values())}
+        kinds["disk"] = len(self.sources) - kinds["host"]
+        where = ", ".join(f"{n} from {k}" for k, n in kinds.items() if n)
+        return (f"LayerStreamer({len(self.order)} of {len(self.layers)} layers streamed ({where}) into "
+                f"{self.depth + 1} slots of {format_bytes(self.layout.nbytes)} on {self.device}, "
+                f"{self.depth} layer(s) ahead; {self.stats!r})")
+
+
+# --- putting a skeleton model together -------------------------------------------------------------
+
+
+def layer_device_map(num_layers: int, device: str | int, offloaded: Mapping[int, str] | None = None,
+                     layers_prefix: str = "model.layers") -> dict[str, str | int]:
+    """An accelerate-style device_map for a Llama: everything on `device` except layers in `offloaded`.
+
+    `offloaded` maps a layer index to "cpu" or "disk". Pass the same map to accelerate and to
+    `stream_model`, so both run the same placement.
+    """
+    offloaded = dict(offloaded or {})
+    device_map: dict[str, str | int] = {"model.embed_tokens": device}
+    for i in range(num_layers):
+        device_map[f"{layers_prefix}.{i}"] = offloaded.get(i, device)
+    device_map.update({"model.norm": device, "model.rotary_emb": device, "lm_head": device})
+    return device_map
+
+
+def split_placement(num_layers: int, cpu: int = 0, disk: int = 0) -> dict[int, str]:
+    """The last `cpu + disk` layers offloaded: the first `cpu` of them to "cpu", the rest to "disk"."""
+    first = num_layers - cpu - disk
+    return {i: ("cpu" if i < first + cpu else "disk") for i in range(first, num_layers)}
+
+
+@dataclass
+class StreamedModel:
+    """A model whose streamed layers' weights come through a LayerStreamer, with what it holds where."""
+
+    model: torch.nn.Module
+    streamer: LayerStreamer
+    host_store: torch.Tensor | None  # the one host copy of the "cpu" layers (None when there are none)
+    resident_bytes: int  # weights resident on the execution device
+    host_bytes: int  # weights in host memory (the "cpu" layers), held once
+    disk_bytes: int  # weights left in the checkpoint files, read each step
+    pinned: bool
+    _closed: bool = field(default=False, repr=False)
+
+    def close(self) -> None:
+        """Detach the streamer and release the host store's page lock."""
+        if self._closed:
+            return
+        self.streamer.remove()
+        if self.pinned and self.host_store is not None:
+            unpin(self.host_store)
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return (f"StreamedModel(resident {format_bytes(self.resident_bytes)} on {self.streamer.device}, "
+                f"host {format_bytes(self.host_bytes)}{' (page-locked)' if self.pinned and self.host_bytes else ''}, "
+                f"disk {format_bytes(self.disk_bytes)};\n  {self.streamer!r})")
+
+
+def _set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = root.get_submodule(module_name) if module_name else root
+    if leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+def stream_model(model: torch.nn.Module, checkpoint_folder: str | Path, device_map: Mapping[str, str | int], *,
+                 depth: int = 1, pinned: bool = True, non_blocking: bool = True,
+                 side_stream: bool = True, layers_prefix: str = "model.layers") -> StreamedModel:
+    """Load a skeleton (`init_empty_weights`) from a safetensors checkpoint and stream its offloaded layers.
+
+    Modules that `device_map` puts on the execution device are loaded there. Decoder layers put on
+    "cpu" (with a GPU) are read once into one host buffer, page-locked in place when `pinned`;
+    layers on "disk" stay in the checkpoint's shards and are read each step. Without a GPU, "cpu"
+    is the execution device and only "disk" layers are streamed.
+    """
+    execution = [d for d in device_map.values() if d not in ("cpu", "disk")]
+    device = torch.device(f"cuda:{execution[0]}" if execution and isinstance(execution[0], int)
+                          else (execution[0] if execution else "cpu"))
+    layers = model.get_submodule(layers_prefix)
+    placement = {i: device_map.get(f"{layers_prefix}.{i}", "resident") for i in range(len(layers))}
+    streamed = [i for i, d in placement.items() if d == "disk" or (d == "cpu" and device.type != "cpu")]
+    bad = [k for k, d in device_map.items() if d in ("cpu", "disk") and not k.startswith(layers_prefix + ".")
+           and device.type != "cpu"]
+    if bad or any(k for k, d in device_map.items() if d == "disk" and not k.startswith(layers_prefix + ".")):
+        raise ValueError(f"only whole decoder layers ({layers_prefix}.N) can be offloaded; got {bad}")
+    locations = tensor_locations(checkpoint_folder)
+    layout = layer_layout(layers[streamed[0]]) if streamed else None
+    for i in streamed[1:]:
+        if layer_layout(layers[i]) != layout:
+            raise ValueError(f"layer {i} is shaped unlike layer {streamed[0]}: streamed layers must share a layout")
+
+    reader = FileReader()
+    streamed_names = {f"{layers_prefix}.{i}." for i in streamed}
+    resident_bytes = 0
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if any(name.startswith(prefix) for prefix in streamed_names):
+            continue  # stays on meta until the streamer binds a slot
+        if name in locations:
+            location = locations[name]
+            if location.dtype != tensor.dtype:
+                raise ValueError(f"{name} is {location.dtype} in the checkpoint but {tensor.dtype} in the model")
+            host = torch.empty(location.shape, dtype=location.dtype)
+            reader.read_into(location, host)
+            _set_tensor(model, name, host.to(device))
+            resident_bytes += location.nbytes
+        else:  # a buffer the checkpoint does not hold (rotary inv_freq): real values from the skeleton
+            _set_tensor(model, name, tensor.to(device))
+
+    host_layers = [i for i in streamed if placement[i] == "cpu"]
+    host_store = None
+    sources: dict[int, torch.Tensor | list[TensorLocation]] = {}
+    if host_layers:
+        host_store = page_aligned_empty(len(host_layers) * layout.nbytes)  # the one host copy
+        for k, i in enumerate(host_layers):
+            flat = host_store[k * layout.nbytes:(k + 1) * layout.nbytes]
+            for span, view in zip(layout.spans, layout.views(flat), strict=True):
+                reader.read_into(locations[f"{layers_prefix}.{i}.{span.name}"], view)
+            sources[i] = flat
+        if pinned:
+            pin_in_place(host_store)
+    reader.close()
+    for i in streamed:
+        if placement[i] == "disk":
+            sources[i] = [locations[f"{layers_prefix}.{i}.{span.name}"] for span in layout.spans]
+    if streamed:
+        streamer = LayerStreamer(layers, sources, layout, device, depth=depth, non_blocking=non_blocking,
+                                 side_stream=side_stream).attach()
+    else:  # nothing to stream: an empty streamer keeps the interface
+        streamer = LayerStreamer(layers, {}, LayerLayout((), 0), device, depth=0)
+    n_host = len(host_layers) * (layout.nbytes if layout else 0)
+    n_disk = sum(placement[i] == "disk" for i in streamed) * (layout.nbytes if layout else 0)
+    return StreamedModel(model, streamer, host_store, resident_bytes, n_host, n_disk,
+                         pinned=pinned and host_store is not None and device.type == "cuda")
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_decode(model: torch.nn.Module, device: str | torch.device, *, prompt_tokens: int = 16, steps: int = 5,
+                warmup: int = 1, vocab_size: int | None = None) -> dict:
+    """Seconds per decode step (batch 1, one new token with the KV cache of a short prompt), and the logits."""
+    vocab_size = vocab_size or model.config.vocab_size
+    ids = (torch.arange(prompt_tokens)[None] * 7 + 3) % vocab_size
+    out = model(ids.to(device), use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    times, logits = [], []
+    for k in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        out = model(token, past_key_values=cache, use_cache=True)
+        _sync(device)
+        if k >= warmup:
+            times.append(time.perf_counter() - start)
+        token = out.logits[:, -1:].argmax(-1)
+        logits.append(out.logits[0, -1].float().cpu())
+    return {"seconds": statistics.median(times), "all_seconds": times, "logits": torch.stack(logits)}
+
+
+@torch.no_grad()
+def time_prefill(model: torch.nn.Module, device: str | torch.device, *, tokens: int = 512, repeats: int = 3,
+                 warmup: int = 1) -> dict:
+    """Seconds per prefill of `tokens` tokens (batch 1, a fresh KV cache each time), and the last logits."""
+    ids = ((torch.arange(tokens)[None] * 7 + 3) % model.config.vocab_size).to(device)
+    times = []
+    for k in range(warmup + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        if k >= warmup:
+            times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "all_seconds": times, "logits": out.logits[0, -1].float().cpu()}
+
+
+def h2d_bandwidth(nbytes: int, *, pinned: bool, repeats: int = 5, device: str = "cuda") -> float:
+    """Measured host-to-device copy rate (bytes/s) for one copy of `nbytes`, from pinned or pageable memory."""
+    host = page_aligned_empty(nbytes)
+    host.fill_(1)  # touch every page, so the first copy does not pay for page faults
+    if pinned:
+        pin_in_place(host)
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    try:
+        for k in range(repeats + 1):
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            target.copy_(host, non_blocking=pinned)
+            torch.cuda.synchronize(device)
+            if k:
+                times.append(time.perf_counter() - start)
+    finally:
+        if pinned:
+            unpin(host)
+    return nbytes / statistics.median(times)
+
+
+def read_bandwidth(path: str | Path, *, cold: bool, chunk: int = 64 * 2**20) -> float:
+    """Measured read rate (bytes/s) of a whole file with pread; `cold` first drops its pages from the page cache."""
+    path = Path(path)
+    if cold:
+        drop_from_page_cache(path)
+    size = path.stat().st_size
+    buffer = torch.empty(min(chunk, size), dtype=torch.uint8)
+    view = memoryview(buffer.numpy()).cast("B")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start, done = time.perf_counter(), 0
+        while done < size:
+            n = os.preadv(fd, [view[:min(chunk, size - done)]], done)
+            if n <= 0:
+                break
+            done += n
+        return done / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+
+
+def write_test_file(path: str | Path, nbytes: int, seed: int = 0) -> Path:
+    """Write `nbytes` of random bytes to `path` and flush them to the disk (fsync): a file no cache has read."""
+    path = Path(path)
+    generator = torch.Generator().manual_seed(seed)
+    chunk = 64 * 2**20
+    with open(path, "wb") as f:
+        for start in range(0, nbytes, chunk):
+            n = min(chunk, nbytes - start)
+            f.write(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The best a step can do: the larger of computing with every weight resident and moving the offloaded bytes."""
+
+    resident_seconds: float
+    offloaded_bytes: int
+    bandwidth: float  # bytes/s of the link the offloaded bytes cross
+
+    @property
+    def transfer_seconds(self) -> float:
+        return self.offloaded_bytes / self.bandwidth
+
+    @property
+    def seconds(self) -> float:
+        return max(self.resident_seconds, self.transfer_seconds)
+
+    def __repr__(self) -> str:
+        return (f"Bound({self.seconds * 1e3:.1f} ms = max(resident compute {self.resident_seconds * 1e3:.1f} ms, "
+                f"{format_bytes(self.offloaded_bytes, 'GB')} / {self.bandwidth / 1e9:.2f} GB/s = "
+                f"{self.transfer_seconds * 1e3:.1f} ms))")
+
+
+def ratio_table(rows: Iterable[tuple[str, float, float]]) -> str:
+    """A text table of (label, seconds, bound seconds) rows with each time's ratio to its bound."""
+    lines = [f"{'':<44} {'seconds':>9} {'bound':>9} {'ratio':>7}"]
+    for label, seconds, bound in rows:
+        lines.append(f"{label:<44} {seconds:>9.4f} {bound:>9.4f} {seconds / bound:>6.2f}x")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Callable:
+    """Run a block with torch limited to `n` intra-op threads, then restore the previous number."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
