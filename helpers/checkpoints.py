@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import struct
 import zlib
@@ -263,3 +264,43 @@ def _describe(folder: Path, dtype: torch.dtype, seed: int, reused: bool) -> Chec
     shards = tuple(sorted({folder / s for s in index["weight_map"].values()}))
     return Checkpoint(folder=folder, shards=shards, total_size=index["metadata"]["total_size"],
                       num_tensors=len(index["weight_map"]), dtype=dtype, seed=seed, reused=reused)
+
+
+def check_matches_config(folder: str | Path, config: PretrainedConfig | str, dtype: torch.dtype | None = None) -> int:
+    """Check that a checkpoint's tensors have the names and shapes the config's model expects.
+
+    Returns the number of tensors checked; raises CheckpointError naming the first mismatch, which is
+    far clearer than the size-mismatch error load_state_dict gives halfway through a load.
+    """
+    config = _as_config(config)
+    expected = dict(tensor_specs(config, dtype or torch.float32))
+    folder = Path(folder)
+    weight_map = read_index(folder)["weight_map"]  # what loaders follow: a tensor not listed is never loaded
+    missing = [n for n in expected if n not in weight_map]
+    if missing:
+        raise CheckpointError(f"{INDEX_NAME} lacks {len(missing)} tensor(s) the config's model needs, "
+                              f"e.g. {missing[0]}: is it a checkpoint of this architecture, and is the index complete?")
+    found: dict[str, list[int]] = {}
+    for shard in sorted(set(weight_map.values())):
+        header = read_safetensors_header(folder / shard)
+        found.update({name: info["shape"] for name, info in header.items() if name != "__metadata__"})
+    for name, shape in expected.items():
+        if list(shape) != list(found[name]):
+            raise CheckpointError(f"{name} has shape {tuple(found[name])} in the checkpoint but {tuple(shape)} "
+                                  f"in the model built from the config: the config does not match this checkpoint "
+                                  f"(compare hidden_size, intermediate_size, num_key_value_heads, vocab_size)")
+    return len(expected)
+
+
+def load_pickle_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a `torch.save` checkpoint safely: tensors only, never code (weights_only=True), clear error if not."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path.name} contains more than tensors (a pickled Python object that would run code when loaded), "
+            f"so it was refused. Load it with weights_only=False only if you trust its source, then re-save it "
+            f"as safetensors. The unpickler said: {str(exc).splitlines()[-1][:300]}") from exc
