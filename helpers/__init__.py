@@ -11,6 +11,10 @@ Modules:
     checkpoints  a deterministic, cached factory of sharded safetensors checkpoints
     loading      the ways to load a checkpoint (normal path, meta + assign, mmap, safetensors, dispatch)
     sizes        total and largest-layer sizes, cross-checked with accelerate
+    device_maps  plan device maps as accelerate does, summarise and draw them, read offload folders
+    tracing      records accelerate's hook calls at inference: which module, where its weights are, when, memory
+    offload      a minimal offloader on PyTorch forward hooks
+    hub          a local Hugging Face cache (real layout) and offline mode, so hub ids load offline
     plots        the matplotlib figures the notebooks show
     widgets      the ipywidgets apps the notebooks show
     source       show a helper's source in a notebook, so no magic hides the lesson

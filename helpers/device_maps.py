@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from .memory import format_bytes
-from .paths import cache_dir
 
 Device = int | str
 DeviceMap = Mapping[str, Device]
@@ -256,20 +254,27 @@ def _draw_strip(ax: Axes, device_map: DeviceMap, model: torch.nn.Module, sizes: 
     widths = [w / scale for w in widths]
     n_layers = sum(1 for name, _ in model.named_modules() if _LAYER.search(name))
     every = label_every or max(1, round(n_layers / 20))
+    widest: dict[int, str] = {}  # a split layer is labelled once, on its widest piece
+    for entry, width in zip(entries, widths, strict=True):
+        index = layer_index(entry)
+        if index in split and (index not in widest or width > widths[entries.index(widest[index])]):
+            widest[index] = entry
     left = 0.0
-    labelled_layers: set[int] = set()
     for entry, width in zip(entries, widths, strict=True):
         device = device_map[entry]
         index = layer_index(entry)
         ax.barh(0, width, left=left, height=0.8, color=device_colour(device), edgecolor="white", linewidth=0.6,
                 hatch="////" if index in split else None)
-        show = (index is None and width > 0.015) or (index is not None and index not in labelled_layers
-                                                      and (index % every == 0 or index in split))
+        if index is None:
+            show = width > 0.015
+        elif index in split:
+            show = widest[index] == entry
+        else:
+            show = index % every == 0
         if show:
             ax.text(left + width / 2, 0, _short_name(entry), ha="center", va="center", fontsize=7,
-                    color="white" if device != "disk" else "black", clip_on=True)
-            if index is not None:
-                labelled_layers.add(index)
+                    color="black" if device == "disk" or index in split else "white", clip_on=True,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1} if index in split else None)
         left += width
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.5, 0.5)
@@ -339,20 +344,6 @@ def draw_device_maps(device_maps: Mapping[str, DeviceMap], model: torch.nn.Modul
 
 
 # --- the offload folder ------------------------------------------------------------------------------
-
-def fresh_offload_folder(name: str) -> Path:
-    """An empty folder `<cache>/offload/<name>` for offloaded weights, emptied if an earlier run left files.
-
-    accelerate never cleans an offload folder, and `dispatch_model` reuses an `index.json` it finds
-    there, so each run starts empty. Only this folder inside the suite's cache is ever removed.
-    """
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
-        raise ValueError(f"offload folder name must be a plain folder name, got {name!r}")
-    folder = cache_dir("offload", name)
-    shutil.rmtree(folder)
-    folder.mkdir()
-    return folder
-
 
 @dataclass(frozen=True)
 class OffloadFolder:

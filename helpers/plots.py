@@ -140,8 +140,8 @@ def _short(name: str) -> str:
 
 
 def _memory_points(events, memory: str) -> tuple[list[float], list[float]]:
-    """(ms, MiB) at the start and end of every hook call: host memory above the first call, or CUDA allocated."""
-    base = events[0].host_before if memory == "host" else 0
+    """(ms, MiB) at the start and end of every hook call: host or CUDA memory above the first call's start."""
+    base = events[0].host_before if memory == "host" else events[0].cuda_before
     ts, values = [], []
     for e in events:
         before, after = (e.host_before, e.host_after) if memory == "host" else (e.cuda_before, e.cuda_after)
@@ -155,7 +155,8 @@ def plot_hook_timeline(trace, *, memory: str = "host", block: str | None = None,
     """One forward pass as the hooks saw it: a row per device-map block (or, with `block`, per module inside it)
     showing when weights were loaded, computed with and freed, above memory on the same time axis.
 
-    `memory` is "host" (anonymous memory above the first hook call) or "cuda" (torch.cuda.memory_allocated).
+    `memory` is "host" (anonymous host memory) or "cuda" (torch.cuda.memory_allocated), both relative to the
+    first hook call shown.
     `reference_bytes` draws labelled horizontal lines on the memory panel, in the plotted quantity's bytes.
     """
     events = [e for e in trace.events if block is None or trace.block_of(e.module) == block]
@@ -196,8 +197,8 @@ def plot_hook_timeline(trace, *, memory: str = "host", block: str | None = None,
     handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.35 if k == "compute" else 1.0)
                for k, c in _SPAN_COLOURS.items()]
     labels = ["forward (compute)", "pre_forward: load weights", "post_forward: free weights"]
-    top.legend(handles, labels, fontsize=7, loc="upper right" if block else "lower left", ncol=3)
-    top.set_title(title or ("one forward pass, hook by hook" if block is None else f"inside {block}"))
+    top.legend(handles, labels, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
+    fig.suptitle(title or ("One forward pass, hook by hook" if block is None else f"Inside {block}"))
 
     ts, values = _memory_points(events, memory)
     bottom.plot(ts, values, color="tab:green" if memory == "cuda" else "tab:red", linewidth=1)
@@ -205,7 +206,9 @@ def plot_hook_timeline(trace, *, memory: str = "host", block: str | None = None,
         bottom.axhline(value / MiB, color="gray", linestyle=":", linewidth=1)
         bottom.annotate(name, (0.99, value / MiB), xycoords=("axes fraction", "data"), xytext=(0, 2),
                         textcoords="offset points", ha="right", color="dimgray", fontsize=8)
-    bottom.set_ylabel("CUDA allocated, MiB" if memory == "cuda" else "host memory (anonymous),\nMiB above the start",
+    top_value = max([*values, *((v / MiB) for v in (reference_bytes or {}).values())])
+    bottom.set_ylim(min(0, min(values)), top_value * 1.15 + 0.1)
+    bottom.set_ylabel(("CUDA allocated" if memory == "cuda" else "host memory (anonymous)") + ",\nMiB above the start",
                       fontsize=8)
     bottom.set_xlabel("ms since the trace began")
     bottom.grid(alpha=0.3)

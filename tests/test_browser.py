@@ -88,6 +88,7 @@ def browser():
 def open_notebook(browser, lab, name):
     base, token, _ = lab
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(120_000)  # a busy 2-core machine renders slowly
     page.goto(f"{base}/lab/tree/{name}?token={token}")
     page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell", timeout=120_000)
     dialog = page.locator(".jp-Dialog:has-text('Select Kernel')")
@@ -146,8 +147,9 @@ def test_notebook_runs_in_jupyterlab(browser, lab, path):
         page.close()
 
 
-APPS = {  # notebook -> (CSS class of the app, description of a dropdown to change, CSS class of its output)
+APPS = {  # notebook -> (CSS class of the app, description of a control to change, CSS class of its output)
     "01_memory_math.ipynb": ("memory-calculator", "Dtype", "memory-calculator-result"),
+    "05_dispatch.ipynb": ("device-map-explorer", "GPU 0 budget (GiB)", "device-map-explorer-plan"),
 }
 
 
@@ -163,10 +165,18 @@ def test_app_renders_and_updates(browser, lab, name):
         output = page.locator(f".{output_class}").first
         before = output.inner_text()
         widget = app.locator(".widget-inline-hbox", has=page.locator(f"label:text-is('{control}')")).first
-        select = widget.locator("select")
-        current = select.input_value()
-        other = next(v for v in select.locator("option").evaluate_all("os => os.map(o => o.value)") if v != current)
-        select.select_option(value=other)
+        if widget.locator("select").count():  # a dropdown: pick another option
+            select = widget.locator("select")
+            current = select.input_value()
+            options = select.locator("option").evaluate_all("os => os.map(o => o.value)")
+            select.select_option(value=next(v for v in options if v != current))
+        else:  # a slider: type a new value into its readout, as a presenter would
+            readout = widget.locator(".widget-readout")
+            current = int(float(readout.inner_text()))
+            readout.click()
+            page.keyboard.press("Control+a")
+            page.keyboard.type(str(current // 2 if current >= 2 else current + 1))
+            page.keyboard.press("Enter")
         page.wait_for_timeout(1500)
         after = output.inner_text()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
