@@ -14,6 +14,8 @@ Modules:
     device_maps  plan device maps as accelerate does, summarise and draw them, read offload folders
     tracing      records accelerate's hook calls at inference: which module, where its weights are, when, memory
     offload      a minimal offloader on PyTorch forward hooks
+    streaming    a prefetching streamer: pinned host buffers, a side CUDA stream, read-ahead from disk
+    speed_plots  the figures of notebook 08 (seconds per token against the bound)
     hub          a local Hugging Face cache (real layout) and offline mode, so hub ids load offline
     plots        the matplotlib figures the notebooks show
     widgets      the ipywidgets apps the notebooks show

@@ -176,10 +176,16 @@ def _is_published(repo: LocalRepo) -> bool:
     return (storage / "trees" / f"{repo.commit}.json").is_file()
 
 
-def _write_atomically(path: Path, data: bytes | None = None, source: Path | None = None) -> None:
-    """Write (or copy) to a temporary name next to `path`, then rename: readers never see half a file."""
+def _write_atomically(path: Path, data: bytes | None = None, source: Path | None = None, link: bool = False) -> None:
+    """Write (or copy, or hard-link) to a temporary name next to `path`, then rename: readers never see half a file."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.incomplete")
-    if source is not None:
+    tmp.unlink(missing_ok=True)
+    if source is not None and link:
+        try:
+            os.link(source, tmp)  # no second copy of a big checkpoint (same file system only)
+        except OSError:
+            shutil.copyfile(source, tmp)
+    elif source is not None:
         shutil.copyfile(source, tmp)
     else:
         tmp.write_bytes(data or b"")
@@ -198,11 +204,13 @@ def _link(pointer: Path, blob: Path) -> None:
 
 
 def publish_to_local_cache(folder: str | Path, repo_id: str = DEFAULT_REPO_ID, cache_dir: str | Path | None = None,
-                           revision: str = "main") -> LocalRepo:
+                           revision: str = "main", link: bool = False) -> LocalRepo:
     """Put every file of `folder` into a local hub cache as if `snapshot_download(repo_id)` had fetched it.
 
     Idempotent: the commit hash depends only on the files, and a commit already in the cache is
     reused without writing anything. Writes only under `cache_dir` (default: `hub_cache_dir()`).
+    `link=True` hard-links the blobs to the folder's files instead of copying them (for big local
+    checkpoints; the folder's files must then never be edited in place, as the blobs are named by content).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -221,7 +229,7 @@ def publish_to_local_cache(folder: str | Path, repo_id: str = DEFAULT_REPO_ID, c
     for f, source in zip(files, paths, strict=True):
         blob = storage / "blobs" / f.blob
         if not (blob.is_file() and blob.stat().st_size == f.size):
-            _write_atomically(blob, source=source)
+            _write_atomically(blob, source=source, link=link)
         _link(repo.snapshot_folder / f.path, blob)
     tree = {"format_version": 1, "files": {f.path: f.tree_entry() for f in files}}
     (storage / "trees").mkdir(exist_ok=True)
@@ -239,16 +247,19 @@ def cache_tree(repo: LocalRepo, width: int = 16) -> str:
         return name if len(name) <= width else name[:width] + "..."
 
     lines = [f"{storage.name}/", "├── blobs/"]
-    for f in sorted(repo.files, key=lambda f: f.blob):
-        lines.append(f"│   ├── {short(f.blob):<{width + 3}}  {format_bytes(f.size):>10}  "
-                     f"{'sha256 (LFS)' if f.lfs else 'git sha1'}  = {f.path}")
+    blobs = sorted(repo.files, key=lambda f: f.blob)
+    for i, f in enumerate(blobs):
+        branch = "└" if i == len(blobs) - 1 else "├"
+        lines.append(f"│   {branch}── {short(f.blob):<{width + 3}} {format_bytes(f.size):>10}  "
+                     f"{'sha256 (LFS)' if f.lfs else 'git sha1    '}  {f.path}")
     lines += ["├── refs/", f"│   └── {repo.revision}  (contains {repo.commit})", "├── snapshots/",
               f"│   └── {short(repo.commit)}/"]
-    for f in repo.files:
+    for i, f in enumerate(repo.files):
         pointer = repo.snapshot_folder / f.path
         target = os.readlink(pointer).replace(os.sep, "/") if pointer.is_symlink() else "(a copy)"
         folder, _, blob = target.rpartition("/")
-        lines.append(f"│       ├── {f.path:<34} -> {folder + '/' if folder else ''}{short(blob)}")
+        lines.append(f"│       {'└' if i == len(repo.files) - 1 else '├'}── {f.path:<34} -> "
+                     f"{folder + '/' if folder else ''}{short(blob)}")
     lines += ["└── trees/", f"    └── {short(repo.commit)}.json  (the file listing)"]
     return "\n".join(lines)
 

@@ -12,8 +12,8 @@ reference behind `help("return")`), so nothing is downloaded. The script
 4. records what it did in `training_log.json` and `TRAINING.md`, and checks that the greedy
    completion of a prompt is made of English words.
 
-    python training/train_tiny_llama.py --out data/tiny-llama            # about 12 minutes, 1 thread
-    python training/train_tiny_llama.py --out /tmp/tiny --steps 20       # a quick smoke run
+    python training/train_tiny_llama.py --out data/tiny-llama                      # ~16 min, 1 thread
+    python training/train_tiny_llama.py --out /tmp/tiny --steps 20 --skip-checks   # a quick smoke run
 
 The tests never run this script (too slow); they load its committed output from data/tiny-llama.
 """
@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-shard-size", default="7MB", help="save_pretrained's shard size: 3 shards in float32")
+    p.add_argument("--skip-checks", action="store_true", help="do not assert English output (for smoke runs)")
     return p.parse_args(argv)
 
 
@@ -90,7 +91,7 @@ def corpus() -> tuple[dict[str, str], dict]:
     return topics, about
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: list[str], vocab_size: int, context: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE (as GPT-2 and Llama-3 use): any text encodes, no unknown characters."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -102,14 +103,14 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bos)])  # BOS first, like Llama
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>", model_max_length=None, clean_up_tokenization_spaces=False)
+                                   pad_token="</s>", model_max_length=context, clean_up_tokenization_spaces=False)
 
 
 def encode(tokenizer: PreTrainedTokenizerFast, topics: dict[str, str], names) -> torch.Tensor:
     """Concatenate the topics as <s> text </s> <s> text </s> ... into one stream of token ids."""
     ids: list[int] = []
     for name in names:
-        ids += tokenizer(topics[name])["input_ids"] + [tokenizer.eos_token_id]
+        ids += tokenizer(topics[name], verbose=False)["input_ids"] + [tokenizer.eos_token_id]  # longer than context
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -136,15 +137,15 @@ def evaluate(model: LlamaForCausalLM, stream: torch.Tensor, context: int) -> flo
     losses = []
     for start in range(0, len(windows) - 1, context):
         chunk = windows[start:start + context + 1][None]
-        losses.append(_loss(model, chunk))
+        losses.append(_loss(model, chunk).item())
     model.train()
     return float(sum(losses) / len(losses))
 
 
-def _loss(model: LlamaForCausalLM, chunk: torch.Tensor) -> torch.Tensor | float:
+def _loss(model: LlamaForCausalLM, chunk: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of windows of context+1 tokens (inputs: all but the last; targets: shifted)."""
     logits = model(chunk[:, :-1]).logits
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
-    return loss if loss.requires_grad else loss.item()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
 
 
 def complete(model, tokenizer, prompt: str, new_tokens: int = 40) -> str:
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     topics, data_about = corpus()
     train_names = [k for k in topics if k not in HELD_OUT_TOPICS]
-    tokenizer = train_tokenizer([topics[k] for k in train_names], args.vocab_size)
+    tokenizer = train_tokenizer([topics[k] for k in train_names], args.vocab_size, args.context)
     train_stream = encode(tokenizer, topics, train_names)
     val_stream = encode(tokenizer, topics, HELD_OUT_TOPICS)
     data_about.update(train_tokens=len(train_stream), held_out_tokens=len(val_stream),
@@ -263,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.rename(out)
     print(f"\nwrote {out} ({total_bytes / 1e6:.1f} MB): {', '.join(files)}")
 
+    if args.skip_checks:
+        return 0
     for prompt, result in completions.items():  # the promise of this model: it writes English words
         assert result["words"] >= 5 and len(result["common"]) >= 3 and result["in_corpus"] >= 0.8, (prompt, result)
     shards = [f for f in files if f.endswith(".safetensors")]
