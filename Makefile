@@ -10,7 +10,7 @@ NOTEBOOK_DIR ?= notebooks
 # Containers and CI often run as root, which Jupyter refuses without this flag.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: lab test setup clean-cache
+.PHONY: lab test test-fast setup clean-cache
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ lab: setup
 
 test: setup
 	$(BIN)/python -m pytest --nbmake --nbmake-timeout=600 -p no:cacheprovider tests notebooks
+
+# The quick loop while editing: everything but the real-browser and run-twice checks.
+test-fast: setup
+	$(BIN)/python -m pytest --nbmake --nbmake-timeout=600 -p no:cacheprovider tests notebooks \
+		--ignore=tests/test_browser.py --ignore=tests/test_rerun.py
 
 clean-cache:
 	rm -rf .cache
