@@ -376,3 +376,33 @@ def read_offload_folder(folder: str | Path) -> OffloadFolder:
     tensors = json.loads(index_path.read_text()) if index_path.is_file() else {}
     dat = {p.name.removesuffix(".dat"): p.stat().st_size for p in sorted(folder.glob("*.dat"))}
     return OffloadFolder(folder, tensors, dat)
+
+
+class BudgetError(ValueError):
+    """A memory budget that no device map can work with."""
+
+
+def check_budget(model: torch.nn.Module, max_memory: Mapping[Device, int], dtype: torch.dtype | None = None) -> int:
+    """Check that the execution device's budget holds the largest unsplittable layer; return that layer's bytes.
+
+    Every offloaded layer is brought to the execution device (GPU 0, or the CPU without a GPU) to run,
+    so a budget smaller than the largest layer can never work, whatever the map: accelerate would
+    still plan one and fail later, at load or in the middle of a forward pass.
+    """
+    from .sizes import unsplittable_blocks
+
+    itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
+    blocks = {name: sum(p.numel() * (itemsize or p.element_size()) for p in block.parameters())
+              for name, block in unsplittable_blocks(model).items()}
+    name, largest = max(blocks.items(), key=lambda item: item[1])
+    gpus = [d for d in max_memory if isinstance(d, int)]
+    device = min(gpus) if gpus else "cpu"
+    if device not in max_memory:
+        raise BudgetError(f"max_memory has no budget for the execution device {device_label(device)}")
+    budget = int(max_memory[device])
+    if budget < largest:
+        raise BudgetError(f"the budget for {device_label(device)} ({format_bytes(budget)}) is smaller than the "
+                          f"largest layer, {name} ({format_bytes(largest)}): every offloaded layer must fit there "
+                          f"to run. Raise it to at least {format_bytes(largest)} plus room for activations, or load "
+                          f"in a smaller dtype.")
+    return largest
