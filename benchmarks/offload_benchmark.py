@@ -110,8 +110,8 @@ def _warm_gpu(seconds: float = 1.0) -> None:
 
 
 def _timings(model, config, steps: int, prefill_repeats: int, before_step, prefill_tokens: int) -> dict:
-    # Prefill first: in a fresh process the first decode steps ran several times slower until long forwards
-    # had run (data/results/diagnostics/); the committed 2026-11-25 run timed decode first.
+    # On a GPU, time_decode times a replay of the same KV-cache lengths: each length seen for the first time in a
+    # process cost ~65 ms more on an H100 (benchmarks/decode_warmup_diagnosis.py, data/results/diagnostics/).
     _warm_gpu()
     prefill = streaming.time_prefill(model, device(), tokens=prefill_tokens, repeats=prefill_repeats,
                                      warmup=1, before_step=before_step)
@@ -163,7 +163,7 @@ def resident_child(config, folder: str, steps: int, prefill_tokens: int) -> dict
     reset_peak_rss()
     result = _timings(streamed.model, config, steps, 3, None, prefill_tokens)
     peak = read_host_memory()
-    # decode once more, after the prefills: tells a warm-up effect from a cost of decoding itself
+    # decode once more, after the prefills: a cross-check that the replayed decode is the steady state
     again = streaming.time_decode(streamed.model, device(), steps=steps, warmup=2)
     result["decode_after_prefill"], result["decode_after_prefill_all"] = again["seconds"], again["all_seconds"]
     result["host_memory"] = {"start_rss": start.anon + start.file, "start_anon": start.anon,

@@ -542,36 +542,37 @@ def _sync(device: torch.device | str) -> None:
 @torch.no_grad()
 def time_decode(model: torch.nn.Module, device: str | torch.device, *, prompt_tokens: int = 16, steps: int = 5,
                 warmup: int = 1, vocab_size: int | None = None, before_step: Callable[[], None] | None = None,
-                warm_forwards: int | None = None) -> dict:
+                replay: bool | None = None) -> dict:
     """Seconds per decode step (batch 1, one new token with the KV cache of a short prompt), and the logits.
 
     `before_step` runs before each step, outside the timed span (e.g. to drop files from the page cache).
-    `warm_forwards` 512-token forwards run first (default: 2 on a GPU, none on a CPU): on an H100 the first
-    decode steps of a fresh process ran at 83 ms, and at 10.5 ms once the process had run 512-token forwards.
+    `replay` (default: on a GPU) runs the whole sequence of steps once untimed and times a second pass over the
+    same KV-cache lengths: on an H100 each KV length seen for the first time in a process cost ~65 ms more
+    (benchmarks/decode_warmup_diagnosis.py), a one-off per shape that is neither compute nor copying.
     """
     vocab_size = vocab_size or model.config.vocab_size
-    if warm_forwards is None:
-        warm_forwards = 2 if torch.device(device).type == "cuda" else 0
-    for _ in range(warm_forwards):
-        model((torch.arange(512)[None] % vocab_size).to(device), use_cache=True, logits_to_keep=1)
-    ids = (torch.arange(prompt_tokens)[None] * 7 + 3) % vocab_size
-    out = model(ids.to(device), use_cache=True)
+    if replay is None:
+        replay = torch.device(device).type == "cuda"
     # transformers 5.2x renamed past_key_values to cache; older 5.x releases know only the old name
     cache_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    cache, token = getattr(out, cache_name), out.logits[:, -1:].argmax(-1)
-    times, logits = [], []
-    for k in range(warmup + steps):
-        if before_step is not None:
-            before_step()
-        _sync(device)
-        start = time.perf_counter()
-        out = model(token, use_cache=True, **{cache_name: cache})
-        _sync(device)
-        if k >= warmup:
-            times.append(time.perf_counter() - start)
-        token = out.logits[:, -1:].argmax(-1)
-        logits.append(out.logits[0, -1].float().cpu())
-    return {"seconds": statistics.median(times), "all_seconds": times, "logits": torch.stack(logits)}
+    for _pass in range(2 if replay else 1):  # with replay, only the second pass is kept
+        ids = (torch.arange(prompt_tokens)[None] * 7 + 3) % vocab_size
+        out = model(ids.to(device), use_cache=True)
+        cache, token = getattr(out, cache_name), out.logits[:, -1:].argmax(-1)
+        times, logits = [], []
+        for k in range(warmup + steps):
+            if before_step is not None:
+                before_step()
+            _sync(device)
+            start = time.perf_counter()
+            out = model(token, use_cache=True, **{cache_name: cache})
+            _sync(device)
+            if k >= warmup:
+                times.append(time.perf_counter() - start)
+            token = out.logits[:, -1:].argmax(-1)
+            logits.append(out.logits[0, -1].float().cpu())
+    return {"seconds": statistics.median(times), "all_seconds": times, "logits": torch.stack(logits),
+            "replayed": replay}
 
 
 @torch.no_grad()

@@ -3,11 +3,13 @@
 # packages or carry other versions of transformers / accelerate. Wheels for Python 3.12, downloaded
 # on the dev machine into .gpu-wheels/ (git-ignored), are installed first when present:
 #   pip download --python-version 3.12 --only-binary=:all: -d .gpu-wheels transformers==5.24.0 ...
-# Usage: tools/gpu_run.sh [pytest args...]; executed notebooks are copied to $OUT when it is set.
+# Usage: tools/gpu_run.sh [pytest args...]; the executed notebooks among the arguments are copied to $OUT when it
+# is set. GPU_WHEELS names another wheel folder (a subset, when the transfer limit is tight).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .gpu-wheels ]; then
-  python3 -m pip install -q --no-index --find-links .gpu-wheels \
+wheels="${GPU_WHEELS:-.gpu-wheels}"
+if [ -d "$wheels" ]; then
+  python3 -m pip install -q --no-index --find-links "$wheels" \
     transformers==5.24.0 huggingface_hub==2.4.0 accelerate==1.15.0 safetensors ipykernel ipywidgets \
     nbclient nbformat nbmake pytest psutil tqdm matplotlib 2>&1 | tail -3
 fi
@@ -23,6 +25,8 @@ python3 -m pytest -p no:cacheprovider --nbmake --nbmake-timeout=600 --overwrite 
 status=$?
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/executed"
-  cp notebooks/*.ipynb "$OUT/executed/" 2>/dev/null || true
+  for arg in "$@"; do
+    case "$arg" in notebooks/*.ipynb) cp "$arg" "$OUT/executed/" ;; esac
+  done
 fi
 exit $status
