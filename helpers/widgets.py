@@ -177,3 +177,102 @@ def device_map_explorer(config_or_model, *, gpu_budget: int, cpu_budget: int, un
     if isinstance(config_or_model, PretrainedConfig):
         model = meta_model(config_or_model, dtype=dtype)
     return DeviceMapExplorer(model, gpu_budget=gpu_budget, cpu_budget=cpu_budget, unit=unit, dtype=dtype, **kwargs)
+
+
+# --- the inference planner (notebook 09) ------------------------------------------------------------
+
+import json  # noqa: E402 - the planner's imports, kept with it
+
+import torch  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+
+from .planner import PCIE_GB_PER_S, InferencePlan, Links, plan_inference  # noqa: E402
+
+#: The `description` of every control of the planner: stable, so a browser test can find them.
+PLANNER_DESCRIPTIONS = {"model": "Model", "config": "config.json", "gpu": "GPU", "dtype": "Dtype",
+                        "ram": "CPU RAM (GB)", "pcie": "PCIe generation", "prompt": "Prompt (tokens)",
+                        "result": "Plan"}
+PLANNER_APP_CLASS = "inference-planner"
+PLANNER_RESULT_CLASS = "inference-planner-result"
+PASTED = "config.json (pasted below)"
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def config_from_json(text: str) -> PretrainedConfig:
+    """A transformers config from the text of a hub-style config.json (needs `model_type`)."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config.json is not valid JSON: {error}") from None
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise ValueError("config.json needs a \"model_type\" (e.g. \"llama\") to know which architecture to plan")
+    values = dict(values)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    config._name_or_path = values.get("_name_or_path", "pasted config")
+    return config
+
+
+def plan_html(plan: InferencePlan) -> str:
+    """The planner's verdict in bold over the plan as it prints."""
+    return f"<b>{html.escape(plan.verdict)}</b><pre>{html.escape(repr(plan))}</pre>"
+
+
+class InferencePlanner(widgets.VBox):
+    """Model (or a pasted config.json), GPU, dtype, RAM, PCIe and prompt in; the device map and speed out."""
+
+    def __init__(self, links: Links, *, base_pcie: int, gpus: tuple[GPU, ...] = COMMON_GPUS,
+                 device_memory: dict[str, float] | None = None) -> None:
+        self.links, self.base_pcie, self.gpus = links, base_pcie, gpus
+        self.device_memory = device_memory or {}
+        self._skeletons: dict = {}
+        style = {"description_width": "130px"}
+        layout = widgets.Layout(width="480px")
+        names = [g.name for g in gpus]
+        self.model = widgets.Dropdown(options=[*LLAMA2, PASTED], value="Llama-2-70B",
+                                      description=PLANNER_DESCRIPTIONS["model"], style=style, layout=layout)
+        self.config = widgets.Textarea(value=load_config("llama-2-13b").to_json_string(), disabled=True,
+                                       description=PLANNER_DESCRIPTIONS["config"], style=style,
+                                       layout=widgets.Layout(width="480px", height="90px"))
+        self.gpu = widgets.Dropdown(options=names, value="A100 80 GB" if "A100 80 GB" in names else names[-1],
+                                    description=PLANNER_DESCRIPTIONS["gpu"], style=style, layout=layout)
+        self.dtype = widgets.Dropdown(options=list(_DTYPES), value="float16",
+                                      description=PLANNER_DESCRIPTIONS["dtype"], style=style, layout=layout)
+        self.ram = widgets.IntSlider(value=128, min=16, max=1024, step=16, continuous_update=False,
+                                     description=PLANNER_DESCRIPTIONS["ram"], style=style, layout=layout)
+        self.pcie = widgets.Dropdown(options=sorted(PCIE_GB_PER_S), value=4,
+                                     description=PLANNER_DESCRIPTIONS["pcie"], style=style, layout=layout)
+        self.prompt = widgets.IntSlider(value=4096, min=128, max=32768, step=128, continuous_update=False,
+                                        description=PLANNER_DESCRIPTIONS["prompt"], style=style, layout=layout)
+        self.result = widgets.HTML(description=PLANNER_DESCRIPTIONS["result"], style={"description_width": "40px"})
+        self.result.add_class(PLANNER_RESULT_CLASS)
+        self.plan: InferencePlan | None = None
+        controls = [self.model, self.config, self.gpu, self.dtype, self.ram, self.pcie, self.prompt]
+        for control in controls:
+            control.observe(self._update, names="value")
+        super().__init__(children=[*controls, self.result])
+        self.add_class(PLANNER_APP_CLASS)
+        self._update()
+
+    def _skeleton(self, config, dtype):
+        key = (config.to_json_string(), dtype)
+        if key not in self._skeletons:
+            self._skeletons = {key: meta_model(config, dtype)}  # keep one: a 70B skeleton is cheap, not free
+        return self._skeletons[key]
+
+    def _update(self, change: dict | None = None) -> None:
+        """Re-plan from the controls (called on every change); a bad config.json shows its error instead."""
+        pasted = self.model.value == PASTED
+        self.config.disabled = not pasted
+        gpu = gpu_by_name(self.gpu.value, self.gpus)
+        links = self.links.with_pcie(PCIE_GB_PER_S[self.pcie.value] / PCIE_GB_PER_S[self.base_pcie],
+                                     self.device_memory.get(gpu.name, self.links.device_memory),
+                                     f"{self.links.source}, PCIe scaled to generation {self.pcie.value}")
+        try:
+            config = config_from_json(self.config.value) if pasted else load_config(LLAMA2[self.model.value])
+            dtype = _DTYPES[self.dtype.value]
+            self.plan = plan_inference(config, gpu, self.ram.value * 10**9, links, dtype=dtype,
+                                       prompt_tokens=self.prompt.value, model=self._skeleton(config, dtype))
+            self.result.value = plan_html(self.plan)
+        except (ValueError, TypeError, KeyError) as error:
+            self.plan = None
+            self.result.value = f'<b style="color:#cf222e">{html.escape(str(error))}</b>'

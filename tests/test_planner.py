@@ -1,0 +1,88 @@
+"""The planner: budgets, accelerate's map on meta, the speed arithmetic, the form, and clear errors."""
+
+import json
+
+import pytest
+
+from helpers.memory import GPU, gpu_by_name, kv_cache_bytes
+from helpers.models import load_config
+from helpers.planner import DATASHEET_MEMORY_BANDWIDTH, Links, estimate_speed, plan_inference
+from helpers.widgets import InferencePlanner, config_from_json
+
+LINKS = Links(pinned_h2d=25e9, pageable_h2d=5e9, disk_read=2e9, device_memory=2e12, source="test",
+              disk_read_mapped=0.5e9)
+
+
+def test_speed_is_bytes_over_bandwidth():
+    speed = estimate_speed(gpu_bytes=10 * 10**9, cpu_bytes=50 * 10**9, disk_bytes=4 * 10**9, links=LINKS)
+    assert speed.resident_seconds == pytest.approx(64e9 / 2e12)
+    assert speed.pcie_seconds == pytest.approx(54e9 / 25e9)
+    assert speed.disk_seconds == pytest.approx(4e9 / 2e9)
+    # accelerate: nothing overlapped, pageable copies of everything offloaded, mapped reads of the disk tier
+    assert speed.accelerate_seconds == pytest.approx(64e9 / 2e12 + 54e9 / 5e9 + 4e9 / 0.5e9)
+    assert speed.bound_seconds == pytest.approx(max(64e9 / 2e12, 54e9 / 25e9, 4e9 / 2e9))
+
+
+def test_measured_compute_replaces_the_memory_estimate():
+    speed = estimate_speed(1, 0, 0, LINKS, resident_seconds=0.25)
+    assert speed.resident_seconds == speed.bound_seconds == speed.accelerate_seconds == 0.25
+
+
+def test_slower_pcie_scales_pinned_copies_and_caps_pageable_ones():
+    slower = LINKS.with_pcie(0.5, 1e12, "PCIe 4")
+    assert slower.pinned_h2d == 12.5e9 and slower.pageable_h2d == 5e9 and slower.device_memory == 1e12
+    assert LINKS.with_pcie(0.1, 1e12, "x").pageable_h2d == pytest.approx(2.5e9)
+    assert slower.disk_read_mapped == LINKS.disk_read_mapped
+
+
+def test_llama_70b_on_an_a100_offloads_half_and_keeps_the_request_room():
+    config = load_config("llama-2-70b")
+    plan = plan_inference(config, gpu_by_name("A100 80 GB"), 128 * 10**9, LINKS, prompt_tokens=4096, new_tokens=256)
+    assert plan.kv_cache_bytes == kv_cache_bytes(config, 1, 4352, "float16")
+    assert plan.gpu_weight_budget == (80 * 10**9 - 2**30 - plan.kv_cache_bytes - plan.activation_bytes)
+    assert plan.bytes_on(0) <= plan.gpu_weight_budget
+    assert plan.summary.layers_on(0) + plan.summary.layers_on("cpu") == 80 and plan.bytes_on("disk") == 0
+    assert not plan.summary.split_layers  # no_split_module_classes came from the model
+    assert "decoder layers on the GPU" in plan.verdict and "s/token" in plan.verdict
+
+
+def test_less_ram_spills_to_disk_and_slows_the_bound():
+    config = load_config("llama-2-70b")
+    roomy = plan_inference(config, gpu_by_name("A100 80 GB"), 256 * 10**9, LINKS)
+    tight = plan_inference(config, gpu_by_name("A100 80 GB"), 48 * 10**9, LINKS)
+    assert roomy.bytes_on("disk") == 0 < tight.bytes_on("disk")
+    assert tight.speed.bound_seconds > roomy.speed.bound_seconds
+
+
+def test_a_card_with_no_room_for_weights_says_why():
+    with pytest.raises(ValueError, match="no room for weights.*shorter prompt"):
+        plan_inference(load_config("llama-2-70b"), GPU("tiny 2 GB", 2), 64 * 10**9, LINKS, prompt_tokens=8192)
+
+
+def test_config_from_json_reads_a_hub_config_and_rejects_bad_text():
+    config = config_from_json(load_config("llama-2-7b").to_json_string())
+    assert config.num_hidden_layers == 32 and config.model_type == "llama"
+    with pytest.raises(ValueError, match="not valid JSON"):
+        config_from_json("{not json")
+    with pytest.raises(ValueError, match="model_type"):
+        config_from_json(json.dumps({"hidden_size": 8}))
+
+
+def test_planner_form_replans_when_a_control_changes():
+    planner = InferencePlanner(LINKS, base_pcie=5, device_memory=DATASHEET_MEMORY_BANDWIDTH)
+    on_a100 = planner.plan
+    planner.gpu.value = "H100 80 GB"
+    assert planner.plan is not on_a100 and planner.plan.gpu.name == "H100 80 GB"
+    planner.pcie.value = 5
+    assert planner.plan.links.pinned_h2d == LINKS.pinned_h2d
+    planner.model.value = "Llama-2-7B"
+    assert planner.plan.summary.layers_on("cpu") == 0  # 13.5 GB fits: no offloading
+    assert "no offloading" in planner.result.value
+
+
+def test_planner_shows_a_bad_pasted_config_as_an_error():
+    planner = InferencePlanner(LINKS, base_pcie=5)
+    planner.model.value = "config.json (pasted below)"
+    assert not planner.config.disabled and planner.plan is not None  # the example config plans
+    planner.config.value = "{broken"
+    assert planner.plan is None and "not valid JSON" in planner.result.value
