@@ -16,6 +16,8 @@ Modules:
     offload      a minimal offloader on PyTorch forward hooks
     streaming    a prefetching streamer: pinned host buffers, a side CUDA stream, read-ahead from disk
     speed_plots  the figures of notebook 08 (seconds per token against the bound)
+    multi_gpu    a layer-wise split over several GPUs traced block by block; pipeline utilisation
+    tensor_parallel  transformers' tensor-parallel plan under torchrun: what each rank runs, the launcher
     hub          a local Hugging Face cache (real layout) and offline mode, so hub ids load offline
     plots        the matplotlib figures the notebooks show
     widgets      the ipywidgets apps the notebooks show

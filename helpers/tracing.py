@@ -159,6 +159,12 @@ def _where(tensors: list[torch.Tensor]) -> str:
     return "+".join(sorted({str(t.device) for t in tensors}))
 
 
+def _synchronize() -> None:
+    """Wait for every GPU, not only the current one: with several GPUs a block may compute on cuda:1, cuda:2..."""
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(index)
+
+
 def _recorder(trace: HookTrace, name: str, hook: AlignDevicesHook, phase: str, t0: float):
     original = getattr(hook, phase)  # the bound method of the class, as accelerate would call it
     cuda = trace.uses_cuda
@@ -168,13 +174,13 @@ def _recorder(trace: HookTrace, name: str, hook: AlignDevicesHook, phase: str, t
         before, nbytes = _where(tensors), sum(t.numel() * t.element_size() for t in tensors)
         del tensors  # holding them would keep the weights alive past post_forward's free
         if cuda:
-            torch.cuda.synchronize()
+            _synchronize()
         host_before = read_host_memory().anon
         cuda_before = torch.cuda.memory_allocated() if cuda else 0
         start = time.perf_counter()
         result = original(module, *args, **kwargs)
         if cuda:
-            torch.cuda.synchronize()  # the copies are asynchronous on a GPU: wait before taking the time
+            _synchronize()  # the copies are asynchronous on a GPU: wait before taking the time
         end = time.perf_counter()
         trace.events.append(HookEvent(
             module=name, phase=phase, start=start - t0, end=end - t0, offload=hook.offload,

@@ -1,4 +1,4 @@
-"""helpers.offload: the minimal offloader built on PyTorch forward hooks, on a tiny Llama."""
+"""helpers.offload: the minimal offloader built on PyTorch forward hooks, on a tiny_weights Llama."""
 
 import pytest
 import torch
@@ -6,24 +6,16 @@ from accelerate import init_empty_weights, load_checkpoint_and_dispatch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers.checkpoints import make_checkpoint
-from helpers.models import load_config
 from helpers.offload import MinimalOffloader, minimal_offload, set_tensor
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=500)
 BLOCKS = ["model.layers.1", "model.layers.2", "lm_head"]
 INPUT = torch.arange(12)[None]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The tiny config, its checkpoint, and the checkpoint's tensors memory-mapped (the host copies)."""
-    root = tmp_path_factory.mktemp("tiny")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BIGMODEL_CACHE", str(root / "cache"))
-        config = load_config("llama-2-70b", **TINY)
-        checkpoint = make_checkpoint(config)
+def tiny_weights(tiny):
+    """The tiny_weights config, its checkpoint (conftest's `tiny`), and the checkpoint's tensors (the host copies)."""
+    config, checkpoint = tiny
     weights = {}
     for shard in checkpoint.shards:
         weights.update(load_file(shard))
@@ -36,17 +28,17 @@ def skeleton(config):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny):
+def reference(tiny_weights):
     """Logits of the same model with every weight in memory and no hooks at all."""
-    config, _, weights = tiny
+    config, _, weights = tiny_weights
     model = skeleton(config)
     model.load_state_dict(weights, strict=False, assign=True)
     with torch.no_grad():
         return model(INPUT).logits
 
 
-def test_outputs_equal_the_model_without_offloading(tiny, reference):
-    config, _, weights = tiny
+def test_outputs_equal_the_model_without_offloading(tiny_weights, reference):
+    config, _, weights = tiny_weights
     model = skeleton(config)
     offloader = minimal_offload(model, weights, BLOCKS, "cpu")
     assert isinstance(offloader, MinimalOffloader) and len(offloader.handles) == 2 * len(BLOCKS)
@@ -55,8 +47,8 @@ def test_outputs_equal_the_model_without_offloading(tiny, reference):
     assert torch.equal(first, reference) and torch.equal(second, reference)
 
 
-def test_blocks_are_meta_between_forwards_and_real_during_their_own(tiny):
-    config, _, weights = tiny
+def test_blocks_are_meta_between_forwards_and_real_during_their_own(tiny_weights):
+    config, _, weights = tiny_weights
     model = skeleton(config)
     minimal_offload(model, weights, BLOCKS, "cpu")
     for block in BLOCKS:
@@ -75,8 +67,8 @@ def test_blocks_are_meta_between_forwards_and_real_during_their_own(tiny):
         assert all(p.is_meta for p in model.get_submodule(block).parameters())
 
 
-def test_host_copies_are_never_written(tiny):
-    config, _, weights = tiny
+def test_host_copies_are_never_written(tiny_weights):
+    config, _, weights = tiny_weights
     offloaded = {k: v for k, v in weights.items() if k.startswith(tuple(b + "." for b in BLOCKS))}
     before = {k: (v.data_ptr(), v.clone()) for k, v in offloaded.items()}
     model = skeleton(config)
@@ -92,8 +84,8 @@ def test_host_copies_are_never_written(tiny):
         assert weights[key].data_ptr() == ptr and torch.equal(weights[key], value)
 
 
-def test_same_outputs_as_accelerate_with_disk_offload(tiny, tmp_path, reference):
-    config, checkpoint, weights = tiny
+def test_same_outputs_as_accelerate_with_disk_offload(tiny_weights, tmp_path, reference):
+    config, checkpoint, weights = tiny_weights
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
                   "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "disk"}
     dispatched = load_checkpoint_and_dispatch(skeleton(config), str(checkpoint.folder), device_map=device_map,
@@ -105,8 +97,8 @@ def test_same_outputs_as_accelerate_with_disk_offload(tiny, tmp_path, reference)
     assert torch.equal(reference, ours(INPUT).logits.detach())
 
 
-def test_remove_unregisters_every_hook(tiny):
-    config, _, weights = tiny
+def test_remove_unregisters_every_hook(tiny_weights):
+    config, _, weights = tiny_weights
     model = skeleton(config)
     offloader = minimal_offload(model, weights, BLOCKS, "cpu")
     offloader.remove()
@@ -117,8 +109,8 @@ def test_remove_unregisters_every_hook(tiny):
     assert "3 blocks" in repr(offloader)
 
 
-def test_nothing_offloaded_is_a_plain_resident_model(tiny, reference):
-    config, _, weights = tiny
+def test_nothing_offloaded_is_a_plain_resident_model(tiny_weights, reference):
+    config, _, weights = tiny_weights
     model = skeleton(config)
     minimal_offload(model, weights, [], "cpu")
     assert all(not p.is_meta for p in model.parameters())
@@ -137,8 +129,8 @@ def test_set_tensor_replaces_parameters_and_buffers():
 
 
 @pytest.mark.gpu
-def test_gpu_outputs_match_and_only_one_layer_is_on_the_gpu_at_a_time(tiny, reference):
-    config, _, weights = tiny
+def test_gpu_outputs_match_and_only_one_layer_is_on_the_gpu_at_a_time(tiny_weights, reference):
+    config, _, weights = tiny_weights
     model = skeleton(config)
     minimal_offload(model, weights, BLOCKS, "cuda:0")
     layer_bytes = sum(p.numel() * 4 for p in skeleton(config).model.layers[1].parameters())

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+from conftest import TINY_LLAMA
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -13,23 +14,10 @@ from helpers.child import run_in_child
 from helpers.models import load_config
 from helpers.tracing import HookEvent, align_hooks, stored_weights, trace_hooks, weights_loader
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=500)
 OFFLOADED = ("model.layers.1", "model.layers.2", "model.norm")
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
               **dict.fromkeys(OFFLOADED, "disk"), "lm_head": "cpu"}
 INPUT = torch.arange(12)[None]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The tiny config and its checkpoint, written once into a temporary cache."""
-    root = tmp_path_factory.mktemp("tiny")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BIGMODEL_CACHE", str(root / "cache"))
-        config = load_config("llama-2-70b", **TINY)
-        checkpoint = make_checkpoint(config)
-    return config, checkpoint
 
 
 def dispatch(config, checkpoint, offload_folder, device_map=None, **kwargs):
@@ -187,7 +175,7 @@ def _host_changes(config, checkpoint_folder, offload_folder):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_host_memory_rises_at_each_load_and_falls_at_each_free(tmp_path, monkeypatch):
     monkeypatch.setenv("BIGMODEL_CACHE", str(tmp_path / "cache"))
-    config = load_config("llama-2-70b", **{**TINY, "hidden_size": 256, "intermediate_size": 512})
+    config = load_config("llama-2-70b", **{**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 512})
     checkpoint = make_checkpoint(config)
     result = run_in_child(_host_changes, config, str(checkpoint.folder), str(tmp_path / "offload"))
     assert result.ok, result
