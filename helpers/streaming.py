@@ -157,9 +157,14 @@ class FileReader:
 
 
 def drop_from_page_cache(path: str | Path) -> None:
-    """Ask the kernel to forget a file's cached pages, so the next read really comes from the disk."""
+    """Ask the kernel to forget a file's cached pages, so the next read really comes from the disk.
+
+    Pages not yet written back (a file just written, like accelerate's offload folder) cannot be dropped:
+    they are flushed first (`fdatasync`), else the "cold" read would silently come from RAM.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)

@@ -187,5 +187,9 @@ def test_app_renders_and_updates(browser, lab, name):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         app.screenshot(path=ARTIFACTS / f"{Path(name).stem}-app.png")
         assert after != before, "the app's output did not change when the control changed"
+    except Exception:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=ARTIFACTS / f"{Path(name).stem}-app-failure.png", full_page=True)
+        raise
     finally:
         page.close()
