@@ -150,7 +150,6 @@ def test_notebook_runs_in_jupyterlab(browser, lab, path):
 APPS = {  # notebook -> (CSS class of the app, description of a control to change, CSS class of its output)
     "01_memory_math.ipynb": ("memory-calculator", "Dtype", "memory-calculator-result"),
     "05_dispatch.ipynb": ("device-map-explorer", "GPU 0 budget (GiB)", "device-map-explorer-plan"),
-    "09_capstone_70b_on_a100.ipynb": ("inference-planner", "GPU", "inference-planner-result"),
 }
 
 
