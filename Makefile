@@ -1,4 +1,5 @@
-# Two commands: `make lab` and `make test`. Both set up .venv first and are safe to re-run.
+# Two commands: `make lab` and `make test` (and `make test-all`, what CI runs). All set up .venv first and are
+# safe to re-run.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,10 +8,13 @@ STAMP := $(VENV)/.installed
 PORT ?= 8888
 LAB_IP ?= 127.0.0.1
 NOTEBOOK_DIR ?= notebooks
+# Test processes run side by side (pytest-xdist); two suit the 2-core machines the suite is tested on.
+JOBS ?= 2
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 # Containers and CI often run as root, which Jupyter refuses without this flag.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: lab test test-fast setup clean-cache
+.PHONY: lab test test-all setup clean-cache
 
 setup: $(STAMP)
 
@@ -30,13 +34,16 @@ lab: setup
 	$(BIN)/jupyter lab --no-browser --ip=$(LAB_IP) --port=$(PORT) --notebook-dir=$(NOTEBOOK_DIR) \
 		$(ALLOW_ROOT)
 
+# The newcomer's check: unit tests, suite checks and every notebook executed once with nbmake, side by side.
 test: setup
-	$(BIN)/python -m pytest --nbmake --nbmake-timeout=600 -p no:cacheprovider tests notebooks
+	$(PYTEST) -n $(JOBS) --dist worksteal --nbmake --nbmake-timeout=600 tests notebooks \
+		--ignore=tests/test_browser.py
 
-# The quick loop while editing: everything but the real-browser and run-twice checks.
-test-fast: setup
-	$(BIN)/python -m pytest --nbmake --nbmake-timeout=600 -p no:cacheprovider tests notebooks \
-		--ignore=tests/test_browser.py --ignore=tests/test_rerun.py
+# Everything, as CI runs it: the unit and suite tests side by side, then the real-browser test, which runs every
+# notebook twice in one kernel in JupyterLab (so nbmake's single run is not repeated) and drives the apps.
+test-all: setup
+	$(PYTEST) -n $(JOBS) --dist worksteal tests --ignore=tests/test_browser.py
+	$(PYTEST) tests/test_browser.py
 
 clean-cache:
 	rm -rf .cache
