@@ -96,7 +96,10 @@ def launched_under(folder) -> list[psutil.Process]:
 @pytest.mark.slow
 def test_a_launch_that_times_out_is_stopped_with_its_ranks(isolated_cache):
     """torchrun starts each rank in a session of its own: the launcher must find and stop them all."""
+    # Work that cannot finish in 8 s on any machine, so the timeout fires while the ranks are generating: the tiny
+    # model greedily writes over 3,000 tokens after this prompt without an end-of-text token, each one two gloo
+    # all-reduces per layer away. (A 4-token run finishes in about 8 s on a 2-core machine: no margin at all.)
     with pytest.raises(TimeoutError, match="did not finish in 8 s"):
-        tensor_parallel.run_tensor_parallel(TINY, PROMPT, new_tokens=4, world_size=2, use_gpus=False, timeout=8)
+        tensor_parallel.run_tensor_parallel(TINY, PROMPT, new_tokens=20_000, world_size=2, use_gpus=False, timeout=8)
     assert not launched_under(isolated_cache), "torchrun or a rank is still running"
     assert not any((isolated_cache / "tensor_parallel").iterdir())
