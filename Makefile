@@ -14,7 +14,7 @@ PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 # Containers and CI often run as root, which Jupyter refuses without this flag.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: lab test test-all setup clean-cache
+.PHONY: lab test test-all site setup clean-cache
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ test: setup
 test-all: setup
 	$(PYTEST) -n $(JOBS) --dist worksteal tests --ignore=tests/test_browser.py
 	$(PYTEST) tests/test_browser.py
+
+# The notebooks as executed on GPUs (data/executed/<run>/), rendered with their outputs into site/, offline.
+site: setup
+	$(BIN)/python tools/build_site.py
 
 clean-cache:
 	rm -rf .cache

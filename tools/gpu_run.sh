@@ -3,8 +3,10 @@
 # packages or carry other versions of transformers / accelerate. Wheels for Python 3.12, downloaded
 # on the dev machine into .gpu-wheels/ (git-ignored), are installed first when present:
 #   pip download --python-version 3.12 --only-binary=:all: -d .gpu-wheels transformers==5.24.0 ...
-# Usage: tools/gpu_run.sh [pytest args...]; the executed notebooks among the arguments are copied to $OUT when it
-# is set. GPU_WHEELS names another wheel folder (a subset, when the transfer limit is tight).
+# Usage: tools/gpu_run.sh [pytest args...]. When $OUT is set, the executed notebooks among the arguments and a
+# run.json (GPUs, versions, date, result) are packed into $OUT/executed-$RUN_LABEL.tar.gz (one file: the device tool
+# returns few files); unpack it into data/executed/ and `make site` renders it. RUN_LABEL defaults to the GPU count.
+# GPU_WHEELS names another wheel folder (a subset, when the transfer limit is tight).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 wheels="${GPU_WHEELS:-.gpu-wheels}"
@@ -24,9 +26,21 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pytest -p no:cacheprovider --nbmake --nbmake-timeout=600 --overwrite "$@"
 status=$?
 if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT/executed"
+  label="${RUN_LABEL:-$(python3 -c 'import torch; print(f"{torch.cuda.device_count()}-gpu")')}"
+  stage="$(mktemp -d)/$label"
+  mkdir -p "$stage"
   for arg in "$@"; do
-    case "$arg" in notebooks/*.ipynb) cp "$arg" "$OUT/executed/" ;; esac
+    case "$arg" in notebooks/*.ipynb) cp "$arg" "$stage/" ;; esac
   done
+  STATUS=$status python3 - "$stage/run.json" <<'PY'
+import datetime, json, os, sys
+import accelerate, torch, transformers
+gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+json.dump({"machine": f"{len(gpus)} x {gpus[0]}" if gpus else "no GPU", "gpus": gpus,
+           "torch": torch.__version__, "transformers": transformers.__version__,
+           "accelerate": accelerate.__version__, "date": datetime.date.today().isoformat(),
+           "pytest exit status": int(os.environ["STATUS"])}, open(sys.argv[1], "w"), indent=2)
+PY
+  tar -czf "$OUT/executed-$label.tar.gz" -C "$(dirname "$stage")" "$label"
 fi
 exit $status
