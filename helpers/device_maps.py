@@ -299,7 +299,10 @@ def _legend_handles(summary: DeviceMapSummary, with_numbers: bool) -> list[Patch
 def draw_device_map(device_map: DeviceMap, model: torch.nn.Module, *, dtype: torch.dtype | str | None = None,
                     title: str = "", ax: Axes | None = None, min_fraction: float = 0.004,
                     label_every: int | None = None) -> Figure:
-    """The map as one horizontal strip in forward order: one bar per map entry, width by bytes, colour by device.
+    """The map as one horizontal strip in module order: one bar per map entry, width by bytes, colour by device.
+
+    The order is registration order (`named_modules`), as in the map, not always the order the forward
+    calls them: Llama registers `norm` before `rotary_emb` but calls `rotary_emb` first.
 
     Widths follow accelerate's sizes in `dtype`; entries under `min_fraction` of the total (norms, rotary)
     are widened to it so every one stays visible. Decoder layers are labelled by number.
@@ -385,9 +388,15 @@ class BudgetError(ValueError):
 def check_budget(model: torch.nn.Module, max_memory: Mapping[Device, int], dtype: torch.dtype | None = None) -> int:
     """Check that the execution device's budget holds the largest unsplittable layer; return that layer's bytes.
 
-    Every offloaded layer is brought to the execution device (GPU 0, or the CPU without a GPU) to run,
-    so a budget smaller than the largest layer can never work, whatever the map: accelerate would
-    still plan one and fail later, at load or in the middle of a forward pass.
+    This is accelerate's planning rule, not a run-time need. `infer_auto_device_map`
+    (accelerate/utils/modeling.py) subtracts the largest no-split block (`get_max_layer_size`) from the
+    budget of each main device (GPU 0 and CPU RAM, or CPU RAM alone) and places a module only where it
+    fits in what is left. Below the largest layer nothing fits, so the planner gives the execution
+    device nothing and everything goes to slower tiers (without a GPU: all of it to disk, which
+    `load_checkpoint_and_dispatch` then refuses, notebook 11). At run time the default hooks hold one
+    module's weights at a time (notebook 06), and `max_memory` is not enforced at all: it only feeds the
+    planner. Passing this check is necessary, not sufficient: the device must also fit its first block
+    (the embedding) beside the reserve.
     """
     from .sizes import unsplittable_blocks
 
@@ -402,7 +411,9 @@ def check_budget(model: torch.nn.Module, max_memory: Mapping[Device, int], dtype
     budget = int(max_memory[device])
     if budget < largest:
         raise BudgetError(f"the budget for {device_label(device)} ({format_bytes(budget)}) is smaller than the "
-                          f"largest layer, {name} ({format_bytes(largest)}): every offloaded layer must fit there "
-                          f"to run. Raise it to at least {format_bytes(largest)} plus room for activations, or load "
-                          f"in a smaller dtype.")
+                          f"largest layer, {name} ({format_bytes(largest)}): accelerate's planner keeps that much "
+                          f"free on {device_label(device)} (its largest-layer reserve), so it would place nothing "
+                          f"there and send the whole model to slower tiers. Raise it to at least "
+                          f"{format_bytes(largest)} plus the first block and room for activations, or load in a "
+                          f"smaller dtype.")
     return largest

@@ -114,6 +114,14 @@ class HookTrace:
     def of_kind(self, kind: str) -> list[HookEvent]:
         return [e for e in self.events if e.kind == kind]
 
+    def peak_loaded_bytes(self) -> int:
+        """The most offloaded weight bytes on the execution device at once: + each load, - each free, in order."""
+        loaded_now = peak = 0
+        for event in self.events:
+            loaded_now += {"load": event.weight_bytes, "free": -event.weight_bytes}.get(event.kind, 0)
+            peak = max(peak, loaded_now)
+        return peak
+
     def summary(self) -> list[BlockSummary]:
         """Per block, in the order they ran: load, compute and free time, and the bytes loaded."""
         by_block: dict[str, list[HookEvent]] = {}

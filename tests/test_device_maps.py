@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 from accelerate import init_empty_weights
+from accelerate.utils import infer_auto_device_map
 from matplotlib.figure import Figure
 from transformers import AutoModelForCausalLM
 
 from helpers.device_maps import (
     STRATEGIES,
+    BudgetError,
+    check_budget,
     device_label,
     device_map_for_budgets,
     device_of,
@@ -122,6 +125,28 @@ def test_replica_with_a_gpu_and_without_no_split(replica):
     assert (with_it.layers_on(0), with_it.layers_on("cpu"), with_it.layers_on("disk")) == (3, 8, 5)
     without = summarize_device_map(plan_device_map(model, max_memory, "auto", None), model)
     assert without.layers_on(0) == 4 and without.split_layers == (13,)
+
+
+NO_SPLIT = ["LlamaDecoderLayer"]
+
+
+@pytest.mark.parametrize("with_gpu", [False, True])
+def test_check_budget_refuses_what_the_planner_would_leave_empty(tiny, with_gpu):
+    """accelerate subtracts the largest layer from a main device's budget: below it, that device gets nothing."""
+    main = 0 if with_gpu else "cpu"
+    largest = check_budget(tiny, {main: 10**9, "cpu": 10**9})  # here the embedding (and LM head), 250 KiB
+    assert largest == 4 * H * V > 4 * LAYER_PARAMS
+    for budget in (largest // 2, largest - 1):
+        max_memory = {0: budget, "cpu": 10**9} if with_gpu else {"cpu": budget}
+        planned = infer_auto_device_map(tiny, max_memory=dict(max_memory), no_split_module_classes=NO_SPLIT)
+        assert main not in planned.values()
+        with pytest.raises(BudgetError, match="place nothing there"):
+            check_budget(tiny, max_memory)
+    enough = largest + 4 * H * V + 4 * LAYER_PARAMS  # the reserve, the embedding, one decoder layer
+    max_memory = {0: enough, "cpu": 10**9} if with_gpu else {"cpu": enough}
+    planned = infer_auto_device_map(tiny, max_memory=dict(max_memory), no_split_module_classes=NO_SPLIT)
+    assert summarize_device_map(planned, tiny).layers_on(main) == 1
+    assert check_budget(tiny, max_memory) == largest
 
 
 def test_plan_copies_max_memory_and_checks_the_strategy(tiny):

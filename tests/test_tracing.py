@@ -83,6 +83,16 @@ def test_load_sizes_match_the_parameters(model, tiny):
     assert sizes["input_layernorm"] == h * 4
 
 
+def test_one_module_at_a_time_at_most_the_largest_module_never_a_layer(model, tiny):
+    """The default hooks hold one module's weights at a time: the peak is the largest module, not a decoder layer."""
+    config, _ = tiny
+    trace, _ = traced_forward(model)
+    loads = trace.of_kind("load")
+    layer = sum(p.numel() * p.element_size() for p in model.get_submodule("model.layers.1").parameters())
+    assert trace.peak_loaded_bytes() == max(e.weight_bytes for e in loads) < layer
+    assert trace.peak_loaded_bytes() == config.hidden_size * config.intermediate_size * 4  # an MLP projection
+
+
 def test_tracing_changes_nothing_and_restores_the_hooks(model, tiny):
     with torch.no_grad():
         plain = model(INPUT).logits
