@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import compute_module_sizes
+from accelerate.utils.modeling import get_max_layer_size
 
 from .device_maps import DeviceMapSummary, plan_device_map, summarize_device_map
-from .memory import GPU, activation_bytes, format_bytes, kv_cache_bytes
+from .memory import GPU, activation_bytes, compute_dtype, format_bytes, kv_cache_bytes
 from .models import meta_model
 
 #: PCIe x16 payload rate per direction on paper, by generation (GB/s): each generation doubles the last.
@@ -64,19 +66,26 @@ def links_from_results(run: dict, device_memory: float) -> Links:
 
 @dataclass(frozen=True)
 class SpeedEstimate:
-    """Seconds per decode step (batch 1): accelerate's hooks, and the bound a prefetching streamer can reach."""
+    """Seconds per decode step (batch 1): accelerate's hooks, and the bound a prefetching streamer can reach.
+
+    Two rates for the same bytes: `pcie_seconds` is the floor from page-locked (pinned) memory, which a streamer
+    that pins its weights reaches; `pageable_seconds` is the rate accelerate's CPU tier copies at, because it
+    copies from ordinary (pageable) memory, one tensor at a time, blocking (accelerate/utils/modeling.py,
+    `set_module_tensor_to_device`: `value.to(device)`, then `empty_cache()` per tensor).
+    """
 
     resident_seconds: float  # every weight on the GPU: compute (reading the weights from device memory)
-    pcie_seconds: float  # offloaded bytes (RAM and disk tiers) over PCIe
+    pcie_seconds: float  # offloaded bytes (RAM and disk tiers) over PCIe from pinned memory: the floor
     disk_seconds: float  # disk-tier bytes read from the disk in large sequential reads
     accelerate_seconds: float  # synchronous: compute + pageable copies + mapped disk reads, nothing overlapped
     bound_seconds: float  # overlapped: the slowest of compute, PCIe and disk
+    pageable_seconds: float = float("nan")  # offloaded bytes over PCIe from pageable memory: accelerate's rate
 
     def __repr__(self) -> str:
         return (f"SpeedEstimate(accelerate {self.accelerate_seconds:.3g} s/token = compute "
-                f"{self.resident_seconds:.3g} + pageable PCIe + mapped disk reads; bound "
-                f"{self.bound_seconds:.3g} s/token = max(compute {self.resident_seconds:.3g}, pinned PCIe "
-                f"{self.pcie_seconds:.3g}, disk {self.disk_seconds:.3g}))")
+                f"{self.resident_seconds:.3g} + PCIe from pageable memory {self.pageable_seconds:.3g} + mapped disk "
+                f"reads; bound {self.bound_seconds:.3g} s/token = max(compute {self.resident_seconds:.3g}, PCIe from "
+                f"pinned memory {self.pcie_seconds:.3g}, disk {self.disk_seconds:.3g}))")
 
 
 def estimate_speed(gpu_bytes: int, cpu_bytes: int, disk_bytes: int, links: Links,
@@ -86,9 +95,10 @@ def estimate_speed(gpu_bytes: int, cpu_bytes: int, disk_bytes: int, links: Links
     resident = resident_seconds if resident_seconds is not None else total / links.device_memory
     offloaded = cpu_bytes + disk_bytes
     disk = disk_bytes / links.disk_read
-    accelerate = resident + offloaded / links.pageable_h2d + disk_bytes / links.accelerate_disk_read
+    pageable = offloaded / links.pageable_h2d
+    accelerate = resident + pageable + disk_bytes / links.accelerate_disk_read
     bound = max(resident, offloaded / links.pinned_h2d, disk)
-    return SpeedEstimate(resident, offloaded / links.pinned_h2d, disk, accelerate, bound)
+    return SpeedEstimate(resident, offloaded / links.pinned_h2d, disk, accelerate, bound, pageable)
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,7 @@ class InferencePlan:
     links: Links
     prompt_tokens: int
     new_tokens: int
+    largest_layer_reserve: bool = True  # False: the budget was raised by accelerate's reserve, to cancel it
 
     def bytes_on(self, device) -> int:
         return self.summary.bytes_on(device)
@@ -122,8 +133,9 @@ class InferencePlan:
         else:
             where = (f"{layers[0]} of {n} decoder layers on the GPU, {layers['cpu']} in CPU RAM, "
                      f"{layers['disk']} on disk")
-        return (f"{where}; expect about {self.speed.accelerate_seconds:.2g} s/token with accelerate's hooks, "
-                f"{self.speed.bound_seconds:.2g} s/token at best (a prefetching streamer)")
+        return (f"{where}; expect about {self.speed.accelerate_seconds:.2g} s/token with accelerate's hooks "
+                f"(pageable copies), {self.speed.bound_seconds:.2g} s/token at best (a prefetching streamer from "
+                "pinned memory)")
 
     def __repr__(self) -> str:
         def row(label: str, n: int) -> str:
@@ -147,16 +159,22 @@ class InferencePlan:
 def plan_inference(config, gpu: GPU, ram_bytes: int, links: Links, *, dtype: torch.dtype = torch.float16,
                    prompt_tokens: int = 4096, new_tokens: int = 256, batch_size: int = 1,
                    runtime_bytes: int = 2**30, ram_reserve_bytes: int = 16 * 10**9,
-                   resident_seconds: float | None = None, model=None) -> InferencePlan:
+                   resident_seconds: float | None = None, model=None,
+                   largest_layer_reserve: bool = True) -> InferencePlan:
     """Budgets, accelerate's "auto" map and the expected speed for `config` on `gpu` with `ram_bytes` of RAM.
 
     The GPU's budget for weights is its memory less the runtime, the KV cache of `prompt_tokens + new_tokens`
-    and the activations of a `prompt_tokens` prefill; RAM keeps `ram_reserve_bytes` for the OS and the process.
-    `model` may be a ready meta skeleton of `config` (it is built otherwise).
+    and the activations of a `prompt_tokens` prefill (both in the dtype the model computes in: float16 for
+    int8 weights); RAM keeps `ram_reserve_bytes` for the OS and the process. `model` may be a ready meta
+    skeleton of `config` (it is built otherwise).
+
+    accelerate's `infer_auto_device_map` always keeps the largest unsplittable layer free on the GPU (a planning
+    rule: with the default hooks one module's weights are loaded at a time). `largest_layer_reserve=False`
+    cancels that rule by adding the same bytes to the GPU's budget, so the weights may fill the whole budget.
     """
     name = str(dtype).removeprefix("torch.")
-    kv = kv_cache_bytes(config, batch_size, prompt_tokens + new_tokens, name)
-    act = activation_bytes(config, batch_size, prompt_tokens, name)
+    kv = kv_cache_bytes(config, batch_size, prompt_tokens + new_tokens, compute_dtype(name))
+    act = activation_bytes(config, batch_size, prompt_tokens, compute_dtype(name))
     gpu_budget = gpu.memory_bytes - runtime_bytes - kv - act
     cpu_budget = max(0, ram_bytes - ram_reserve_bytes)
     if gpu_budget <= 0:
@@ -165,9 +183,132 @@ def plan_inference(config, gpu: GPU, ram_bytes: int, links: Links, *, dtype: tor
                          f"{format_bytes(gpu.memory_bytes, 'GB')}; use a shorter prompt or a smaller batch")
     model = model if model is not None else meta_model(config, dtype)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
-    device_map = plan_device_map(model, {0: gpu_budget, "cpu": cpu_budget}, "auto", no_split, dtype)
+    gpu_max_memory = gpu_budget if largest_layer_reserve else gpu_budget + largest_layer_bytes(model, no_split, dtype)
+    device_map = plan_device_map(model, {0: gpu_max_memory, "cpu": cpu_budget}, "auto", no_split, dtype)
     summary = summarize_device_map(device_map, model, dtype)
     speed = estimate_speed(summary.bytes_on(0), summary.bytes_on("cpu"), summary.bytes_on("disk"), links,
                            resident_seconds)
     return InferencePlan(getattr(config, "_name_or_path", "") or config.model_type, name, gpu, runtime_bytes, kv,
-                         act, gpu_budget, cpu_budget, device_map, summary, speed, links, prompt_tokens, new_tokens)
+                         act, gpu_budget, cpu_budget, device_map, summary, speed, links, prompt_tokens, new_tokens,
+                         largest_layer_reserve)
+
+
+def largest_layer_bytes(model, no_split_module_classes: list[str], dtype: torch.dtype | str | None = None) -> int:
+    """The bytes accelerate's `infer_auto_device_map` keeps free on the GPU (its `get_max_layer_size` call)."""
+    modules = [*model.named_parameters(recurse=False), *model.named_children(), *model.named_buffers(recurse=False)]
+    size, _ = get_max_layer_size(modules, compute_module_sizes(model, dtype=dtype), no_split_module_classes)
+    return int(size)
+
+
+#: The rows of `reserve_table`, in order: each sets aside one more thing on the GPU than the row above.
+RESERVE_ROWS = ("weights only", "+ accelerate's largest-layer reserve", "+ KV cache and activations, short prompt",
+                "+ long prompt and runtime")
+
+
+@dataclass(frozen=True)
+class ReserveRow:
+    """One row of `reserve_table`: what the GPU sets aside, accelerate's map under that budget, and its speed."""
+
+    name: str
+    adds: str  # what this row sets aside beyond the row above
+    plan: InferencePlan
+
+    largest_layer: int  # accelerate's reserve, kept free when plan.largest_layer_reserve
+
+    @property
+    def room_for_weights(self) -> int:
+        """What accelerate may fill with weights: the card less everything this row sets aside."""
+        return self.plan.gpu_weight_budget - (self.largest_layer if self.plan.largest_layer_reserve else 0)
+
+    @property
+    def gpu_layers(self) -> int:
+        return self.plan.summary.layers_on(0)
+
+    @property
+    def offloaded_layers(self) -> int:
+        return self.plan.summary.num_layers - self.gpu_layers
+
+    @property
+    def offloaded_bytes(self) -> int:
+        return self.plan.bytes_on("cpu") + self.plan.bytes_on("disk")
+
+
+@dataclass(frozen=True)
+class ReserveTable:
+    """The same model and card planned four times, each row reserving one more thing: why the answers differ."""
+
+    rows: tuple[ReserveRow, ...]
+    largest_layer: int
+
+    def row(self, name: str) -> ReserveRow:
+        """The row called `name` (one of RESERVE_ROWS)."""
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(f"no row {name!r}; the rows are {[r.name for r in self.rows]}")
+
+    @property
+    def answer(self) -> ReserveRow:
+        """The last row: everything a real request needs has its room. This is the plan to quote."""
+        return self.rows[-1]
+
+    HEADERS = ("row", "set aside on the GPU", "room for weights", "decoder layers on the GPU",
+               "offloaded layers", "offloaded GB per token", "s/token floor, pinned PCIe",
+               "s/token at accelerate's pageable rate")
+
+    def table_rows(self) -> list[list]:
+        """The rows as text cells, in the order of HEADERS (for helpers.widgets.markdown_table)."""
+        links = self.rows[0].plan.links
+        out = []
+        for row in self.rows:
+            out.append([row.name, row.adds, format_bytes(row.room_for_weights, "GB"), row.gpu_layers,
+                        row.offloaded_layers, f"{row.offloaded_bytes / 1e9:.2f}",
+                        f"{row.offloaded_bytes / links.pinned_h2d:.2f}",
+                        f"{row.offloaded_bytes / links.pageable_h2d:.2f}"])
+        return out
+
+    def __repr__(self) -> str:
+        lines = [f"ReserveTable({self.rows[0].plan.model_name} in {self.rows[0].plan.dtype} on "
+                 f"{self.rows[0].plan.gpu.name}; largest layer {format_bytes(self.largest_layer, 'GB')}"]
+        for cells in self.table_rows():
+            lines.append(f"  {cells[0]:<44} GPU layers {cells[3]:>3}, offloaded {cells[5]:>7} GB: "
+                         f"{cells[6]} s/token pinned, {cells[7]} s/token pageable")
+        return "\n".join(lines) + ")"
+
+
+def reserve_table(config, gpu: GPU, ram_bytes: int, links: Links, *, dtype: torch.dtype = torch.float16,
+                  short_prompt: int = 512, prompt_tokens: int = 4096, new_tokens: int = 256,
+                  runtime_bytes: int = 2**30, model=None) -> ReserveTable:
+    """`plan_inference` four times on one card, each row setting aside one more thing before the weights.
+
+    1. "weights only": the whole card for weights (accelerate's reserve cancelled);
+    2. "+ accelerate's largest-layer reserve": its `infer_auto_device_map` rule;
+    3. "+ KV cache and activations, short prompt": of a `short_prompt`-token prompt and `new_tokens` new tokens;
+    4. "+ long prompt and runtime": the KV cache and activations of a `prompt_tokens`-token prompt instead, and
+       `runtime_bytes` for the CUDA context and workspaces. This last row is the answer (`plan_inference`'s
+       defaults), the others say where the other counts come from.
+    The s/token columns are the transfer floors of the offloaded bytes: from pinned memory (a streamer) and at
+    the pageable rate accelerate's CPU tier copies at; `row.plan.speed` adds the compute term.
+    """
+    model = model if model is not None else meta_model(config, dtype)
+    common = dict(dtype=dtype, model=model)
+    short_kv = kv_cache_bytes(config, 1, short_prompt + new_tokens, compute_dtype(dtype))
+    short_act = activation_bytes(config, 1, short_prompt, compute_dtype(dtype))
+    long_kv = kv_cache_bytes(config, 1, prompt_tokens + new_tokens, compute_dtype(dtype))
+    long_act = activation_bytes(config, 1, prompt_tokens, compute_dtype(dtype))
+    largest = largest_layer_bytes(model, list(getattr(model, "_no_split_modules", None) or []), dtype)
+    specs = [
+        (RESERVE_ROWS[0], "nothing: the whole card holds weights",
+         dict(prompt_tokens=0, new_tokens=0, runtime_bytes=0, largest_layer_reserve=False)),
+        (RESERVE_ROWS[1], f"one decoder layer ({format_bytes(largest, 'GB')})",
+         dict(prompt_tokens=0, new_tokens=0, runtime_bytes=0)),
+        (RESERVE_ROWS[2], f"+ KV cache of {short_prompt:,} + {new_tokens:,} tokens ({format_bytes(short_kv, 'GB')}), "
+                          f"activations of a {short_prompt:,}-token prefill ({format_bytes(short_act, 'GB')})",
+         dict(prompt_tokens=short_prompt, new_tokens=new_tokens, runtime_bytes=0)),
+        (RESERVE_ROWS[3], f"the same for {prompt_tokens:,} + {new_tokens:,} tokens ({format_bytes(long_kv, 'GB')}, "
+                          f"{format_bytes(long_act, 'GB')}), + runtime ({format_bytes(runtime_bytes, 'GB')})",
+         dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runtime_bytes=runtime_bytes)),
+    ]
+    rows = tuple(ReserveRow(name, adds, plan_inference(config, gpu, ram_bytes, links, **common, **options), largest)
+                 for name, adds, options in specs)
+    return ReserveTable(rows, largest)

@@ -6,6 +6,7 @@ Each function returns its Figure and changes no global style.
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from .paths import RESULTS_DIR
+from .streaming import BELOW_BOUND
 
 _COLORS = {"accelerate": "tab:red", "streamer": "tab:green", "bound": "black", "resident": "tab:blue"}
 
@@ -38,7 +40,10 @@ def plot_seconds_vs_fraction(fractions: Sequence[float], series: dict[str, Seque
 
 
 def plot_against_bound(rows: Sequence[tuple[str, float, float]], *, title: str = "", unit: str = "s") -> Figure:
-    """Horizontal bars: each measured time, its bound as a black tick, and the ratio written beside it."""
+    """Horizontal bars: each measured time, its bound as a black tick, and the ratio written beside it.
+
+    A ratio under 1 is marked with * and the figure says why (BELOW_BOUND), so no bare ratio under 1 is shown.
+    """
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
     scale = 1e3 if unit == "ms" else 1.0
     labels = [r[0] for r in rows][::-1]
@@ -46,11 +51,15 @@ def plot_against_bound(rows: Sequence[tuple[str, float, float]], *, title: str =
     bounds = [r[2] * scale for r in rows][::-1]
     colors = [_COLORS["accelerate"] if "accelerate" in label else _COLORS["streamer"] for label in labels]
     ax.barh(labels, values, color=colors, alpha=0.8)
+    below = False
     for y, (value, bound) in enumerate(zip(values, bounds, strict=True)):
         ax.plot([bound, bound], [y - 0.4, y + 0.4], color="black", linewidth=2)
-        ax.annotate(f"{value / bound:.2f}x", (value, y), xytext=(4, 0), textcoords="offset points", va="center",
-                    fontsize=8)
-    ax.set_xlabel(f"{unit} per step (black tick: the bound)")
+        mark = "*" if value < bound else ""
+        below = below or bool(mark)
+        ax.annotate(f"{value / bound:.2f}x{mark}", (value, y), xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    note = "\n" + textwrap.fill(f"* {BELOW_BOUND}", 100) if below else ""
+    ax.set_xlabel(f"{unit} per step (black tick: the bound){note}", fontsize=9)
     ax.set_xlim(0, max(values) * 1.15)
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="x")
@@ -71,7 +80,9 @@ def plot_gpu_results(results: dict) -> Figure:
         x = range(len(placements))
         acc = [results["placements"][p]["accelerate"].get(step) for p in placements]
         stream = [results["placements"][p]["streamer"].get(step) for p in placements]
-        bound = [results["placements"][p]["bound"][step] for p in placements]
+        # the bound with the disk read in it for placements with disk layers (bound_tiered), else the PCIe bound
+        bound = [results["placements"][p].get("bound_tiered", results["placements"][p]["bound"])[step]
+                 for p in placements]
         ax.bar([i - 0.2 for i in x], acc, width=0.4, color=_COLORS["accelerate"], label="accelerate")
         ax.bar([i + 0.2 for i in x], stream, width=0.4, color=_COLORS["streamer"], label="streamer")
         for i, b in enumerate(bound):

@@ -184,7 +184,7 @@ def pin_in_place(t: torch.Tensor) -> None:
     """Page-lock the memory a CPU tensor already has (cudaHostRegister on its storage): exact size, no copy.
 
     `tensor.pin_memory()` would copy the data into memory from PyTorch's pinned allocator, which
-    rounds each block up to a power of two: 404 MB becomes 512 MiB, a quarter more than the weights.
+    rounds each block up to a power of two: 404.8 MB becomes 512 MiB (536.9 MB), a third more than the weights.
     """
     storage = t.untyped_storage()  # the whole allocation, so that tensor.is_pinned() sees it too
     error = int(torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0))
@@ -545,20 +545,46 @@ def _sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+class _StepTimer:
+    """Times one step: CUDA events on the current stream on a GPU (the GPU's own clock), else perf_counter."""
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.device = device
+
+    def start(self) -> None:
+        _sync(self.device)  # nothing queued before the step is counted in it
+        if self.cuda:
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end) / 1e3
+        return time.perf_counter() - self._t0
+
+
 @torch.no_grad()
 def time_decode(model: torch.nn.Module, device: str | torch.device, *, prompt_tokens: int = 16, steps: int = 5,
                 warmup: int = 1, vocab_size: int | None = None, before_step: Callable[[], None] | None = None,
                 replay: bool | None = None) -> dict:
     """Seconds per decode step (batch 1, one new token with the KV cache of a short prompt), and the logits.
 
-    `before_step` runs before each step, outside the timed span (e.g. to drop files from the page cache).
-    `replay` (default: on a GPU) runs the whole sequence of steps once untimed and times a second pass over the
-    same KV-cache lengths: on an H100 each KV length seen for the first time in a process cost ~65 ms more
-    (benchmarks/decode_warmup_diagnosis.py), a one-off per shape that is neither compute nor copying.
+    Returns the median step ("seconds"), the fastest ("min_seconds": with enough steps, the floor a step of this
+    model reaches on a quiet machine), every timed step and the logits of every step. On a GPU each step is timed
+    with CUDA events. `before_step` runs before each step, outside the timed span (e.g. to drop files from the
+    page cache). `replay` (default: on a GPU) runs the whole sequence of steps once untimed and times a second
+    pass over the same KV-cache lengths: on an H100 each KV length seen for the first time in a process cost
+    ~65 ms more (benchmarks/decode_warmup_diagnosis.py), a one-off per shape that is neither compute nor copying.
     """
     vocab_size = vocab_size or model.config.vocab_size
     if replay is None:
         replay = torch.device(device).type == "cuda"
+    timer = _StepTimer(device)
     # transformers 5.2x renamed past_key_values to cache; older 5.x releases know only the old name
     cache_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     for _pass in range(2 if replay else 1):  # with replay, only the second pass is kept
@@ -569,16 +595,15 @@ def time_decode(model: torch.nn.Module, device: str | torch.device, *, prompt_to
         for k in range(warmup + steps):
             if before_step is not None:
                 before_step()
-            _sync(device)
-            start = time.perf_counter()
+            timer.start()
             out = model(token, use_cache=True, **{cache_name: cache})
-            _sync(device)
+            seconds = timer.stop()
             if k >= warmup:
-                times.append(time.perf_counter() - start)
+                times.append(seconds)
             token = out.logits[:, -1:].argmax(-1)
             logits.append(out.logits[0, -1].float().cpu())
-    return {"seconds": statistics.median(times), "all_seconds": times, "logits": torch.stack(logits),
-            "replayed": replay}
+    return {"seconds": statistics.median(times), "min_seconds": min(times), "all_seconds": times,
+            "logits": torch.stack(logits), "replayed": replay}
 
 
 @torch.no_grad()
@@ -647,7 +672,7 @@ def mmap_read_bandwidth(paths: Sequence[str | Path], *, cold: bool) -> float:
 
     accelerate's `load_offloaded_weight` maps each `.dat` file (`np.memmap`) and copies it (`torch.tensor`): pages
     come in by page faults, and a small cold file gets little of the kernel's readahead. On this project's
-    machines that ran several times slower than one large sequential read (`read_bandwidth`).
+    machines that ran slower than one large sequential read (`read_bandwidth`); notebook 09 prints both.
     """
     paths = [Path(p) for p in paths]
     if cold:
@@ -696,61 +721,26 @@ class Bound:
                 f"{self.transfer_seconds * 1e3:.1f} ms))")
 
 
-@dataclass(frozen=True)
-class OffloadPlan:
-    """Which decoder layers stay on the device and how many bytes must cross the link every token."""
-
-    device_bytes: int
-    reserve_bytes: int  # KV cache, activations, runtime (CUDA context, workspaces)
-    other_bytes: int  # embeddings, final norm, LM head: always resident
-    layer_bytes: int
-    num_layers: int
-    resident_layers: int
-    slots: int  # device buffers the streamer keeps for offloaded layers
-
-    @property
-    def offloaded_layers(self) -> int:
-        return self.num_layers - self.resident_layers
-
-    @property
-    def offloaded_bytes(self) -> int:
-        return self.offloaded_layers * self.layer_bytes
-
-    def seconds_per_token(self, bandwidth: float) -> float:
-        """The transfer bound: the offloaded bytes cross the link once per token."""
-        return self.offloaded_bytes / bandwidth
-
-    def __repr__(self) -> str:
-        return (f"OffloadPlan(device {format_bytes(self.device_bytes, 'GB')}: reserve "
-                f"{format_bytes(self.reserve_bytes, 'GB')}, embeddings + head {format_bytes(self.other_bytes, 'GB')}, "
-                f"{self.slots} streaming slots {format_bytes(self.slots * self.layer_bytes, 'GB')}, "
-                f"{self.resident_layers} of {self.num_layers} layers resident "
-                f"({format_bytes(self.resident_layers * self.layer_bytes, 'GB')});\n  offloaded: "
-                f"{self.offloaded_layers} layers x {format_bytes(self.layer_bytes, 'GB')} = "
-                f"{format_bytes(self.offloaded_bytes, 'GB')} per token)")
+BELOW_BOUND = ("below the bound, which no step can be: the rates in the bound were measured apart from this step (at "
+               "other moments, on other bytes), and this step met a faster link or quieter cores than they did")
 
 
-def plan_offload(model: torch.nn.Module, device_bytes: int, reserve_bytes: int, *, dtype: torch.dtype = torch.float16,
-                 slots: int = 2, layers_prefix: str = "model.layers") -> OffloadPlan:
-    """Keep as many decoder layers on the device as fit beside the reserve, the rest and `slots` buffers.
-
-    `model` may be a meta-device skeleton: only shapes are read.
-    """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    layers = model.get_submodule(layers_prefix)
-    layer_bytes = sum(p.numel() for p in layers[0].parameters()) * itemsize
-    total = sum(p.numel() for p in model.parameters()) * itemsize
-    other = total - len(layers) * layer_bytes
-    room = device_bytes - reserve_bytes - other - slots * layer_bytes
-    resident = max(0, min(len(layers), room // layer_bytes))
-    return OffloadPlan(device_bytes, reserve_bytes, other, layer_bytes, len(layers), int(resident), slots)
+def against_bound(seconds: float, bound: float) -> str:
+    """'1.15x the bound'; a ratio under 1 is printed with its reason (BELOW_BOUND), never bare."""
+    ratio = seconds / bound
+    return f"{ratio:.2f}x the bound" + (f" ({BELOW_BOUND})" if ratio < 1 else "")
 
 
 def ratio_table(rows: Iterable[tuple[str, float, float]]) -> str:
-    """A text table of (label, seconds, bound seconds) rows with each time's ratio to its bound."""
+    """A text table of (label, seconds, bound seconds) rows with each time's ratio to its bound (under 1: why)."""
     lines = [f"{'':<44} {'seconds':>9} {'bound':>9} {'ratio':>7}"]
+    below = False
     for label, seconds, bound in rows:
-        lines.append(f"{label:<44} {seconds:>9.4f} {bound:>9.4f} {seconds / bound:>6.2f}x")
+        mark = " *" if seconds < bound else ""
+        below = below or bool(mark)
+        lines.append(f"{label:<44} {seconds:>9.4f} {bound:>9.4f} {seconds / bound:>6.2f}x{mark}")
+    if below:
+        lines.append(f"* {BELOW_BOUND}")
     return "\n".join(lines)
 
 

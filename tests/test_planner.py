@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from helpers.memory import GPU, gpu_by_name, kv_cache_bytes
 from helpers.models import load_config
@@ -86,3 +87,61 @@ def test_planner_shows_a_bad_pasted_config_as_an_error():
     assert not planner.config.disabled and planner.plan is not None  # the example config plans
     planner.config.value = "{broken"
     assert planner.plan is None and "not valid JSON" in planner.result.value
+
+
+def test_reserve_table_reconciles_the_answers_for_llama_70b_on_an_a100():
+    from helpers.planner import RESERVE_ROWS, reserve_table
+
+    config = load_config("llama-2-70b")
+    a100 = gpu_by_name("A100 80 GB")
+    table = reserve_table(config, a100, 128 * 10**9, LINKS)
+    assert [row.name for row in table.rows] == list(RESERVE_ROWS)
+    layer, embedding = 2 * 855_654_400, 2 * config.vocab_size * config.hidden_size
+    assert table.largest_layer == layer
+    weights_only, reserved, short, answer = table.rows
+    # weights only: the whole card, as notebook 04's exercise counts it (card - embedding - LM head) // layer
+    assert weights_only.gpu_layers == (a100.memory_bytes - 2 * embedding) // layer == 46
+    # accelerate's rule keeps one layer free: (card - layer - embedding) // layer, the count notebook 05 prints
+    assert reserved.gpu_layers == (a100.memory_bytes - layer - embedding) // layer == 45
+    # the last row is plan_inference's defaults: the answer every notebook quotes
+    default = plan_inference(config, a100, 128 * 10**9, LINKS)
+    assert table.answer is answer and answer.plan.device_map == default.device_map
+    assert answer.room_for_weights == default.gpu_weight_budget - layer
+    counts = [row.gpu_layers for row in table.rows]
+    assert counts == sorted(counts, reverse=True)  # each row sets aside more
+    for row in table.rows:
+        assert row.gpu_layers + row.offloaded_layers == 80
+        assert row.offloaded_bytes == row.plan.bytes_on("cpu") + row.plan.bytes_on("disk")
+        pinned, pageable = (float(cell) for cell in table.table_rows()[table.rows.index(row)][6:8])
+        assert pinned == pytest.approx(row.offloaded_bytes / LINKS.pinned_h2d, abs=0.01)
+        assert pageable == pytest.approx(row.offloaded_bytes / LINKS.pageable_h2d, abs=0.01)
+    with pytest.raises(KeyError, match="no row"):
+        table.row("everything")
+
+
+def test_cancelling_accelerates_reserve_lets_the_weights_fill_the_budget():
+    from helpers.models import meta_model
+    from helpers.planner import largest_layer_bytes
+
+    config = load_config("llama-2-13b")
+    gpu = GPU("test 12 GB", 12)
+    model = meta_model(config, torch.float16)
+    layer = largest_layer_bytes(model, ["LlamaDecoderLayer"], torch.float16)
+    assert layer == 2 * (4 * 5120**2 + 3 * 5120 * 13824 + 2 * 5120)  # one decoder layer in float16
+    bare = dict(prompt_tokens=0, new_tokens=0, runtime_bytes=0, model=model)
+    with_rule = plan_inference(config, gpu, 64 * 10**9, LINKS, **bare)
+    without = plan_inference(config, gpu, 64 * 10**9, LINKS, largest_layer_reserve=False, **bare)
+    assert with_rule.bytes_on(0) <= gpu.memory_bytes - layer and without.bytes_on(0) <= gpu.memory_bytes
+    assert without.summary.layers_on(0) == with_rule.summary.layers_on(0) + 1  # the reserve is exactly one layer
+
+
+def test_int8_weights_keep_their_kv_cache_in_float16():
+    config = load_config("llama-2-70b")
+    from helpers.models import meta_model
+
+    # a skeleton cannot be built in int8 (not a floating-point dtype): plan a float16 one, sized in int8
+    plan = plan_inference(config, gpu_by_name("A100 80 GB"), 128 * 10**9, LINKS, dtype=torch.int8,
+                          model=meta_model(config, torch.float16))
+    assert plan.kv_cache_bytes == kv_cache_bytes(config, 1, 4352, "float16")
+    assert plan.summary.total_bytes < 0.51 * plan_inference(config, gpu_by_name("A100 80 GB"), 128 * 10**9,
+                                                            LINKS).summary.total_bytes

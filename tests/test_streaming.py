@@ -187,16 +187,20 @@ def test_a_meta_skeleton_is_refused_with_the_fix(checkpoints):
                                streaming.layer_device_map(LAYERS, "cpu"))
 
 
-def test_the_70b_plan_moves_about_65_gb_per_token():
-    config = load_config("llama-2-70b")
-    from helpers.memory import activation_bytes, kv_cache_bytes
+def test_decode_timing_reports_median_fastest_and_every_step(checkpoints):
+    model = streaming.stream_model(skeleton(), checkpoints["float32"].folder, streaming.layer_device_map(LAYERS, "cpu"))
+    timed = streaming.time_decode(model.model, "cpu", prompt_tokens=5, steps=6, warmup=2)
+    assert len(timed["all_seconds"]) == 6 and len(timed["logits"]) == 8
+    assert timed["min_seconds"] == min(timed["all_seconds"]) <= timed["seconds"]
 
-    reserve = kv_cache_bytes(config, 1, 4096) + activation_bytes(config, 1, 512) + 2**30
-    plan = streaming.plan_offload(meta_model(config, torch.float16), 80 * 10**9, reserve)
-    assert plan.layer_bytes == 855_654_400 * 2  # 4 attention + 3 MLP matrices + 2 norms, float16
-    assert 60e9 < plan.offloaded_bytes < 70e9
-    assert 2.4 < plan.seconds_per_token(25e9) < 2.8
-    assert plan.resident_layers + plan.offloaded_layers == 80
+
+def test_a_ratio_under_the_bound_is_never_printed_bare():
+    assert streaming.against_bound(0.03, 0.02) == "1.50x the bound"
+    below = streaming.against_bound(0.018, 0.02)
+    assert below.startswith("0.90x the bound (") and streaming.BELOW_BOUND in below
+    table = streaming.ratio_table([("slow", 0.03, 0.02), ("fast", 0.018, 0.02)])
+    assert "0.90x *" in table and table.splitlines()[-1] == f"* {streaming.BELOW_BOUND}"
+    assert "*" not in streaming.ratio_table([("slow", 0.03, 0.02)])
 
 
 def test_bound_is_the_larger_term():
@@ -217,7 +221,8 @@ def test_committed_gpu_results_have_what_the_notebook_plots(path):
     for key in ("card", "date", "versions", "bandwidth", "resident", "placements", "model"):
         assert key in results, key
     for entry in results["placements"].values():
-        assert {"accelerate", "streamer", "bound", "offloaded_bytes"} <= set(entry)
+        assert {"accelerate", "streamer", "bound", "bound_tiered", "offloaded_bytes", "disk_layers"} <= set(entry)
+        assert entry["bound_tiered"]["decode"] >= entry["bound"]["decode"]  # the disk term only adds
         assert {"decode", "prefill"} <= set(entry["accelerate"]) and {"decode", "prefill"} <= set(entry["streamer"])
 
 
