@@ -4,12 +4,16 @@ A child process gives every experiment a clean baseline (nothing the notebook al
 counts), and an out-of-memory failure there can never take the notebook's kernel down.
 
 The cap, and why this one:
-* "data" (Linux, the default): `RLIMIT_DATA` caps the child's private writable memory, which is
-  where `torch.load` copies and randomly initialised weights live. Memory-mapped files are not
-  counted, exactly as a GPU budget does not count what stays on disk, so the naive load fails
-  and the mmap / dispatch path passes under the same budget.
-* "address-space": `RLIMIT_AS` caps every mapping, files included: mapping a checkpoint bigger
-  than the budget fails even though it would never be resident. Shown for contrast.
+* "data" (Linux, the default): `RLIMIT_DATA` caps the child's private writable memory: every
+  tensor it allocates, and (since Linux 4.7) every private writable file mapping too. The loaders
+  map files that way: `torch.load(mmap=True)` (torch/serialization.py, MAP_PRIVATE by default) and
+  safetensors' `safe_open` both show up as `rw-p` in /proc/self/maps, so a mapped checkpoint
+  counts in full while it is mapped. Shared and read-only mappings do not count. The naive load
+  fails because it holds a whole model (and then a second copy); the dispatch path passes the
+  same budget because it never does: accelerate's `load_checkpoint_in_model` maps one shard at a
+  time and drops it before the next.
+* "address-space": `RLIMIT_AS` caps every mapping, shared and read-only ones included. Shown for
+  contrast.
 * "watchdog" (macOS, Windows, where the OS enforces neither): the parent polls the child's
   resident memory and kills it when it crosses the budget. It is not a real allocation failure,
   and results say so.

@@ -109,6 +109,10 @@ class MemoryTrace:
     def duration(self) -> float:
         return self.t[-1] if self.t else 0.0
 
+    def at(self, label: str, series: str = "data") -> int:
+        """The sample taken with the first mark of this label, from one series ("anon", "file", "data", "cuda")."""
+        return getattr(self, series)[self.t.index(self.time_of(label))]
+
     def time_of(self, label: str) -> float:
         """Time of the first mark with this label."""
         for t, name in self.marks:

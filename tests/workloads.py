@@ -26,3 +26,23 @@ def map_file(path: str, timeline=None) -> float:
     if timeline is not None:
         timeline.mark("read")  # sample while the mapping is alive
     return total
+
+
+def load_mapped(path: str, loader: str, timeline=None) -> list[str]:
+    """Map a checkpoint the way the loaders do and read it; return its lines from /proc/self/maps.
+
+    loader "torch": `torch.load(path, mmap=True)` (torch/serialization.py: MAP_PRIVATE unless
+    `torch.serialization.set_default_mmap_options` says otherwise); "safetensors": `safe_open(...).get_tensor`.
+    """
+    if loader == "torch":
+        tensors = torch.load(path, mmap=True, weights_only=True)
+    else:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    total = sum(float(t.sum()) for t in tensors.values())
+    if timeline is not None:
+        timeline.mark(f"read {total}")
+    with open("/proc/self/maps") as maps:
+        return [line.strip() for line in maps if os.path.basename(path) in line]
