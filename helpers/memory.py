@@ -71,8 +71,9 @@ class GPU:
         return int(self.memory_gb * GB)
 
 
-#: Common cards. Vendors quote decimal GB, and even those are rounded: an "80 GB" A100 exposes
-#: 81,920 MiB = 85.9 GB to CUDA; we keep the box numbers, as a buyer would.
+#: Common cards. Vendors quote decimal GB, and even those are rounded: nvidia-smi lists an "80 GB" A100
+#: as 81,920 MiB = 85.9 GB, and the CUDA runtime's total (torch.cuda.mem_get_info, an OOM message's
+#: "total capacity") is several hundred MiB lower; we keep the box numbers, as a buyer would.
 COMMON_GPUS: tuple[GPU, ...] = (
     GPU("T4 16 GB", 16),
     GPU("RTX 4090 24 GB", 24),
@@ -94,20 +95,32 @@ def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype: str | torch.dty
                * bytes_per_param(dtype))
 
 
+#: Score matrices (batch x heads x tokens x tokens, in the compute dtype) alive at the peak of transformers'
+#: eager attention (models/llama/modeling_llama.py, eager_attention_forward), per compute dtype. Measured with
+#: measure_eager_attention: 2.0 in float32 on CPU (2.12 on an H200, with the q-sized tensors); 5.0 in float16
+#: and bfloat16 on CPU; on an H200 4.19 (float16) and 5.12 (bfloat16). The softmax runs in float32
+#: (`softmax(..., dtype=torch.float32).to(query.dtype)`), so half precision holds its scores, a float32 copy
+#: (two matrices' worth) and the cast back. We keep the largest count measured for each dtype.
+EAGER_SCORE_MATRICES: dict[str, float] = {"float32": 2, "float16": 5, "bfloat16": 5}
+
+
 def activation_bytes(config, batch_size: int, seq_len: int, dtype: str | torch.dtype = "float16") -> int:
     """Peak bytes of live activations in one decoder layer during a prefill of `seq_len` tokens.
 
     Inference keeps no activations for backward, so only one layer's working set is alive at a
     time. Its largest terms: the residual stream and the MLP's gate, up and product tensors
-    (batch x tokens x (2 hidden + 3 intermediate)), plus, with eager attention, two score
-    matrices of batch x heads x tokens x tokens (each step, such as adding the mask or the
-    softmax, makes a new one while the old one is still alive). Fused attention (SDPA, flash)
-    never materialises the scores, so for those this is an upper estimate.
+    (batch x tokens x (2 hidden + 3 intermediate)), plus EAGER_SCORE_MATRICES[dtype] score matrices
+    of batch x heads x tokens x tokens in `dtype`: what transformers' eager attention holds at its
+    peak (2 in float32; 5 in float16/bfloat16, whose softmax runs in float32), as measured by
+    measure_eager_attention. For eager attention it is the largest count measured per dtype (CPU and
+    H200), so a device with other softmax kernels could hold more; fused attention (SDPA, flash)
+    never materialises the scores, so for those it is an upper estimate.
     """
-    b = bytes_per_param(dtype)
+    name = dtype_name(dtype)
+    b = bytes_per_param(name)
     hidden, inter = config.hidden_size, config.intermediate_size
     stream = batch_size * seq_len * (2 * hidden + 3 * inter) * b
-    scores = 2 * batch_size * config.num_attention_heads * seq_len * seq_len * b
+    scores = EAGER_SCORE_MATRICES[name] * batch_size * config.num_attention_heads * seq_len * seq_len * b
     return int(stream + scores)
 
 
@@ -183,3 +196,95 @@ def fit_report(n_params: int, dtype: str | torch.dtype, gpu: GPU | str, *, confi
     act = activation_bytes(config, batch_size, seq_len, extras) if config is not None else 0
     return FitReport(model, dtype_name(dtype), gpu, n_params, batch_size, seq_len,
                      weights_bytes(n_params, dtype), kv, act, config is not None)
+
+
+@dataclass(frozen=True)
+class AttentionPeak:
+    """Peak memory of one eager_attention_forward call above its inputs, in score matrices of its dtype."""
+
+    dtype: str
+    device: str
+    shape: tuple[int, int, int, int]  # batch, heads, tokens, head_dim
+    peak_bytes: int
+    score_bytes: int  # one batch x heads x tokens x tokens matrix in dtype
+    how: str
+
+    @property
+    def score_matrices(self) -> float:
+        return self.peak_bytes / self.score_bytes
+
+
+def measure_eager_attention(dtype: str | torch.dtype, *, batch: int = 1, heads: int = 8, kv_heads: int = 2,
+                            tokens: int = 512, head_dim: int = 64, device: str | None = None) -> AttentionPeak:
+    """Run transformers' real eager_attention_forward (causal mask, no dropout) and measure its peak above its inputs.
+
+    On CUDA: torch.cuda.max_memory_allocated after a warm-up call and reset_peak_memory_stats. On a CPU:
+    torch.profiler's memory timeline (profile_memory=True; _memory_profile is a private torch API), which records
+    each tensor's creation and destruction; the running sum's maximum is the peak. The q-sized tensors
+    (repeated K/V, output) count too; they shrink as tokens grow.
+    """
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    name = dtype_name(dtype)
+    torch_dtype = {v: k for k, v in _TORCH_NAMES.items()}[name]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(n_heads: int) -> torch.Tensor:
+        return torch.randn(batch, n_heads, tokens, head_dim, generator=gen).to(device=device, dtype=torch_dtype)
+
+    query, key, value = rand(heads), rand(kv_heads), rand(kv_heads)
+    mask = torch.full((tokens, tokens), torch.finfo(torch_dtype).min, dtype=torch_dtype).triu(1)
+    mask = mask.expand(batch, 1, tokens, tokens).contiguous().to(device)
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False)
+
+    def call() -> None:
+        out, weights = eager_attention_forward(module, query, key, value, mask, head_dim**-0.5)
+        del out, weights
+
+    if device.startswith("cuda"):
+        call()  # warm-up: the first matmul allocates cuBLAS's workspace, which is no part of the peak
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize(device)
+        peak, how = torch.cuda.max_memory_allocated(device) - before, "torch.cuda.max_memory_allocated"
+    else:
+        import os
+        import sys
+
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import Action
+
+        sys.stderr.flush()
+        saved_stderr = os.dup(2)  # the profiler's C++ side prints start/stop lines to fd 2; keep them out
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)
+                with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                             with_stack=True) as prof:
+                    call()
+        finally:
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+        live = peak = 0
+        for _, action, _, size in prof._memory_profile().timeline:
+            live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+            peak = max(peak, live)
+        how = "torch.profiler memory timeline"
+    score = batch * heads * tokens * tokens * bytes_per_param(name)
+    return AttentionPeak(name, device, (batch, heads, tokens, head_dim), int(peak), int(score), how)
+
+
+def eager_score_matrices(dtype: str | torch.dtype, *, tokens: int = 512, **shape) -> float:
+    """Score matrices alive at eager attention's peak, without the q-sized tensors.
+
+    The peak is s score matrices (tokens^2 each) plus q-sized tensors (tokens x head_dim): in units of one score
+    matrix, r(t) = s + c / t. Measuring at t and 2t gives s = 2 r(2t) - r(t), whatever c is.
+    """
+    r1 = measure_eager_attention(dtype, tokens=tokens, **shape).score_matrices
+    r2 = measure_eager_attention(dtype, tokens=2 * tokens, **shape).score_matrices
+    return 2 * r2 - r1
