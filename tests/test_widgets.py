@@ -55,7 +55,7 @@ def test_changing_dtype_updates_report_and_output(models):
     app.dtype.value = "int4"
     assert app.report.dtype == "int4" and app.report.fits
     assert app.result.value != before
-    assert "fits, 39.04 GB (36.35 GiB) to spare" in app.result.value
+    assert "fits, 32.59 GB (30.35 GiB) to spare" in app.result.value
 
 
 def test_sliders_drive_the_kv_cache(models):
