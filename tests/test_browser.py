@@ -16,17 +16,15 @@ Needs Chromium (Debian's package: /usr/bin/chromium; .ci/run installs it) and th
 """
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from lab_server import make_lab
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
@@ -44,12 +42,6 @@ APPS = {  # notebook -> (CSS class of the app, description of a control to chang
     "05_dispatch.ipynb": ("device-map-explorer", "GPU 0 budget (GiB)", "device-map-explorer-plan"),
     "09_capstone_70b_on_a100.ipynb": ("inference-planner", "GPU", "inference-planner-result"),
 }
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def repository_state() -> str:
     """Paths git sees as changed or untracked (ignored files, such as the cache, are not listed)."""
@@ -91,33 +83,8 @@ def lab(tmp_path_factory):
     folder = tmp_path_factory.mktemp("notebooks")
     for path in NOTEBOOKS:
         shutil.copy(path, folder / path.name)
-    port = free_port()
-    log = folder.parent / "lab.log"
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(folder.parent / "runtime"),
-           "JUPYTERLAB_WORKSPACES_DIR": str(folder.parent / "workspaces")}
-    with open(log, "w") as out:
-        process = subprocess.Popen(["make", "-s", "lab", f"PORT={port}", f"NOTEBOOK_DIR={folder}"], cwd=ROOT,
-                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        token = None
-        deadline = time.monotonic() + 180
-        while token is None and time.monotonic() < deadline:
-            time.sleep(1)
-            assert process.poll() is None, log.read_text()
-            match = re.search(rf"http://127\.0\.0\.1:{port}/lab\?token=([0-9a-f]+)", log.read_text())
-            token = match.group(1) if match else None
-        assert token, log.read_text()
-        yield Lab(f"http://127.0.0.1:{port}", token, folder)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(process.pid, sig)
-                process.wait(timeout=20)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+    with make_lab(folder.parent, notebook_dir=folder) as (base, token):
+        yield Lab(base, token, folder)
 
 
 @pytest.fixture(scope="module")
