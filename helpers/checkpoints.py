@@ -4,6 +4,12 @@ Nothing is downloaded: weights are generated tensor by tensor from a seed (norma
 config's `initializer_range`, norms at one), so a 70B-shaped *structure* at any scale can be
 written with only one shard in memory at a time. The folder is keyed by config, seed, dtype and
 shard size, written to a temporary name and renamed when complete, and reused when present.
+
+The sharding is huggingface_hub's (`split_torch_state_dict_into_shards`, what `save_pretrained` and
+`save_torch_state_dict` use), called on meta tensors so that the plan costs no memory; the shard file
+names, `metadata.total_size` and `weight_map` of the index are the ones it returns. The shards are
+written here one at a time, not by `save_torch_state_dict`, because that function needs the whole
+state dict in memory at once (tests/test_checkpoints.py checks the result equals its output).
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub.serialization import StateDictSplit
+from huggingface_hub.serialization._base import parse_size_to_int
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig
@@ -69,14 +78,9 @@ def _as_config(config: PretrainedConfig | str | Path) -> PretrainedConfig:
 
 
 def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    text = size.strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * units[unit])
-    return int(text)
+    """Bytes as an int: "2GB" -> 2 * 10**9 by huggingface_hub's `parse_size_to_int` (`serialization/_base.py`:
+    KB, MB, GB, TB, powers of ten, as `max_shard_size` is read by `save_pretrained`)."""
+    return size if isinstance(size, int) else parse_size_to_int(size)
 
 
 _NOT_IN_KEY = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")  # the dtype argument decides
@@ -118,19 +122,20 @@ def iter_tensors(config: PretrainedConfig | str, seed: int = 0,
         yield name, generate_tensor(name, shape, seed, std, dtype)
 
 
-def plan_shards(specs: list[tuple[str, torch.Size]], dtype: torch.dtype, max_shard_size: int) -> list[list[str]]:
-    """Group tensor names into shards of at most max_shard_size bytes (a bigger tensor gets its own)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in specs:
-        nbytes = shape.numel() * itemsize
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
+def split_specs(specs: list[tuple[str, torch.Size]], dtype: torch.dtype, max_shard_size: int | str) -> StateDictSplit:
+    """huggingface_hub's `split_torch_state_dict_into_shards` on meta tensors of these shapes (no memory used).
+
+    Its rule (`serialization/_base.py`, `split_state_dict_into_shards_factory`): walk the tensors in
+    order, close a shard when the next tensor would take it over `max_shard_size`, and give a tensor
+    bigger than the limit a shard of its own (listed before the shard being filled).
+    """
+    state_dict = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in specs}
+    return split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_size)
+
+
+def plan_shards(specs: list[tuple[str, torch.Size]], dtype: torch.dtype, max_shard_size: int | str) -> list[list[str]]:
+    """Tensor names grouped into shards, in file order, as `save_pretrained` would group them (see `split_specs`)."""
+    return list(split_specs(specs, dtype, max_shard_size).filename_to_tensors.values())
 
 
 def make_checkpoint(config: PretrainedConfig | str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -145,27 +150,23 @@ def make_checkpoint(config: PretrainedConfig | str | Path, *, seed: int = 0, dty
         return _describe(folder, dtype, seed, reused=True)
 
     specs = tensor_specs(config, dtype)
-    groups = plan_shards(specs, dtype, shard_bytes)
+    split = split_specs(specs, dtype, shard_bytes)  # huggingface_hub's plan: file names, weight_map, total_size
     shapes = dict(specs)
     std = getattr(config, "initializer_range", 0.02)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    total = sum(s.numel() for _, s in specs) * itemsize
+    total = split.metadata["total_size"]
     show = progress if progress is not None else total >= _PROGRESS_FROM_BYTES
 
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # only ever our own temporary folder
     tmp.mkdir(parents=True)
-    weight_map = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {folder.name}", disable=not show) as bar:
-        for i, group in enumerate(groups, start=1):
-            shard_name = (f"model-{i:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1
-                          else "model.safetensors")
+        for shard_name, group in split.filename_to_tensors.items():  # one shard in memory at a time
             tensors = {n: generate_tensor(n, shapes[n], seed, std, dtype) for n in group}
             save_file(tensors, tmp / shard_name, metadata={"format": "pt"})
             bar.update(sum(t.numel() * itemsize for t in tensors.values()))
-            weight_map.update(dict.fromkeys(group, shard_name))
             del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     config.save_pretrained(tmp)
     try:

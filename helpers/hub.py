@@ -4,9 +4,20 @@
 it: `models--org--name/blobs/<id>` holds each file once, named by its sha256 (large "LFS" files such
 as safetensors shards) or by its git blob sha1 (small files such as config.json), as the hub names
 them; `snapshots/<commit>/<file>` are relative symlinks to those blobs; `refs/main` names the commit;
-`trees/<commit>.json` is the file listing huggingface_hub keeps to check a snapshot is complete. The
-commit is a real git commit hash of those files (fixed author and date), so publishing the same
-files again gives the same commit and writes nothing.
+`trees/<commit>.json` is the file listing huggingface_hub 2.x keeps per commit. The commit is a real
+git commit hash of those files (fixed author and date), so publishing the same files again gives the
+same commit and writes nothing.
+
+What comes from huggingface_hub itself (pinned 2.4) and what is written here:
+- the git blob id is `huggingface_hub.utils.sha.git_hash` and a file's sha256 `utils.sha.sha_fileobj`
+  (`utils/sha.py`), called, not rewritten;
+- the repo's folder name is `huggingface_hub.file_download.repo_folder_name`, called;
+- the `trees/<commit>.json` listing is written here in the format of huggingface_hub's *private*
+  `_tree_cache.write_tree_cache` (`_tree_cache.py`, `format_version` 1), which is not public API and,
+  when called, also seeds the library's in-memory cache; tests/test_hub.py checks that the bytes are
+  the ones `write_tree_cache` writes and that `read_tree_cache` reads them back;
+- the git tree and commit ids have no huggingface_hub function (the hub computes them server-side):
+  they follow git's object format, checked against `git mktree` / `git commit-tree` in the tests.
 
 `offline_hub` switches huggingface_hub to offline mode and to that cache for the duration of a
 `with` block. huggingface_hub reads `HF_HUB_OFFLINE` and `HF_HUB_CACHE` from the environment once,
@@ -16,7 +27,6 @@ sets both the variables (for child processes) and the module's constants (for th
 Everything is written under the suite's cache (`helpers.paths.cache_dir("hub")` by default), never
 in `~/.cache/huggingface`.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -27,6 +37,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
 from .memory import format_bytes
 from .paths import cache_dir as suite_cache_dir
@@ -46,11 +59,6 @@ def hub_cache_dir() -> Path:
 
 # --- how the hub names things -------------------------------------------------------------------
 
-def git_blob_id(data: bytes) -> str:
-    """git's object id of a file: sha1 of b"blob <size>\\0" + content (what `git hash-object` prints)."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
 def lfs_pointer(sha256: str, size: int) -> bytes:
     """The small text file git stores in place of an LFS file; the hub's `blob_id` for it is its git id."""
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
@@ -62,11 +70,9 @@ def is_lfs(name: str, size: int) -> bool:
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    """sha256 of a file, read in chunks by huggingface_hub's own `utils.sha.sha_fileobj`."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(2**20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha_fileobj(f).hex()
 
 
 @dataclass(frozen=True)
@@ -88,13 +94,13 @@ class CachedFile:
 
 
 def describe_file(root: Path, path: Path) -> CachedFile:
-    """Hash one file the way the hub does."""
+    """Hash one file the way the hub does: sha256 of an LFS file's bytes, else git's blob id (`git_hash`)."""
     size = path.stat().st_size
     name = path.relative_to(root).as_posix()
     if is_lfs(name, size):
         sha256 = _sha256_file(path)
-        return CachedFile(name, size, True, sha256, git_blob_id(lfs_pointer(sha256, size)))
-    git_id = git_blob_id(path.read_bytes())
+        return CachedFile(name, size, True, sha256, git_hash(lfs_pointer(sha256, size)))
+    git_id = git_hash(path.read_bytes())
     return CachedFile(name, size, False, git_id, git_id)
 
 
@@ -126,11 +132,6 @@ def git_commit_id(tree_id: str, message: str) -> str:
     return hashlib.sha1(b"commit %d\0" % len(body) + body).hexdigest()
 
 
-def repo_folder_name(repo_id: str, repo_type: str = "model") -> str:
-    """`org/name` -> `models--org--name`, the cache's folder for a repo."""
-    return "--".join([f"{repo_type}s", *repo_id.split("/")])
-
-
 # --- publishing ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class LocalRepo:
 
     @property
     def storage_folder(self) -> Path:
-        return self.cache_dir / repo_folder_name(self.repo_id)
+        return self.cache_dir / repo_folder_name(repo_id=self.repo_id, repo_type="model")
 
     @property
     def snapshot_folder(self) -> Path:
@@ -231,12 +232,21 @@ def publish_to_local_cache(folder: str | Path, repo_id: str = DEFAULT_REPO_ID, c
         if not (blob.is_file() and blob.stat().st_size == f.size):
             _write_atomically(blob, source=source, link=link)
         _link(repo.snapshot_folder / f.path, blob)
-    tree = {"format_version": 1, "files": {f.path: f.tree_entry() for f in files}}
     (storage / "trees").mkdir(exist_ok=True)
-    _write_atomically(storage / "trees" / f"{commit}.json", json.dumps(tree, indent=1).encode())
+    _write_atomically(storage / "trees" / f"{commit}.json", tree_listing(files))
     (storage / "refs").mkdir(exist_ok=True)
     _write_atomically(storage / "refs" / revision, commit.encode())  # no newline, as huggingface_hub writes it
     return repo
+
+
+def tree_listing(files: tuple[CachedFile, ...] | list[CachedFile]) -> bytes:
+    """The bytes of `trees/<commit>.json`, as huggingface_hub 2.4's private `_tree_cache.write_tree_cache` writes them.
+
+    Format version 1, one entry per file sorted by path, `json.dump(..., indent=1)`. Written here, not by
+    calling that private function (not public API; it also fills the library's in-memory tree cache).
+    """
+    data = {"format_version": 1, "files": {f.path: f.tree_entry() for f in sorted(files, key=lambda f: f.path)}}
+    return json.dumps(data, indent=1).encode()
 
 
 def cache_tree(repo: LocalRepo, width: int = 16) -> str:
@@ -275,7 +285,11 @@ def offline_hub(cache_dir: str | Path | None = None) -> Iterator[Path]:
 
     Sets the environment variables HF_HUB_OFFLINE=1 and HF_HUB_CACHE (seen by child processes and by
     any huggingface_hub imported later) and the values huggingface_hub already read from them at
-    import (`huggingface_hub.constants.HF_HUB_OFFLINE` and `.HF_HUB_CACHE`, read by every call).
+    import (`huggingface_hub.constants.HF_HUB_OFFLINE` and `.HF_HUB_CACHE`). In huggingface_hub 2.4,
+    `hf_hub_download`, `snapshot_download` and `try_to_load_from_cache` read `constants.HF_HUB_CACHE`
+    when called without `cache_dir`, and every request checks `constants.is_offline_mode()`; but
+    `scan_cache_dir` does not: `utils/_cache_manager.py` binds `HF_HUB_CACHE` with `from ..constants
+    import HF_HUB_CACHE` at import, so pass it the folder explicitly.
     """
     from huggingface_hub import constants
 

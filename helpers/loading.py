@@ -136,6 +136,8 @@ def reference_logits(config_name: str | PretrainedConfig, checkpoint_folder: str
     for shard in sorted(set(read_index(folder)["weight_map"].values())):
         model.load_state_dict({k: v.to(dtype) for k, v in load_file(folder / shard).items()}, strict=False,
                               assign=True)
+    model.tie_weights()  # assign=True replaced the embedding: point a tied lm_head at it again (a tied
+    # checkpoint holds the weight once, so lm_head.weight is not in any shard)
     model.model.rotary_emb.to_empty(device="cpu")  # non-persistent buffer: recompute it
     model.model.rotary_emb.__init__(config)
     input_ids = torch.arange(prompt_tokens)[None] % config.vocab_size

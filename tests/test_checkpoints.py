@@ -3,6 +3,8 @@ import shutil
 
 import pytest
 import torch
+from huggingface_hub import save_torch_state_dict, split_torch_state_dict_into_shards
+from huggingface_hub.serialization._base import parse_size_to_int
 from safetensors.torch import load_file
 
 from helpers import checkpoints
@@ -120,3 +122,38 @@ def test_verify_reports_a_tensor_in_the_wrong_shard(isolated_cache):
 def test_read_index_of_a_folder_without_one(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
         checkpoints.read_index(tmp_path)
+
+
+# --- the sharding is huggingface_hub's ----------------------------------------------------------
+
+def test_plan_shards_is_huggingface_hubs_split_on_real_tensors():
+    config = tiny_config()
+    specs = checkpoints.tensor_specs(config, torch.float32)
+    state_dict = dict(checkpoints.iter_tensors(config))
+    for limit in (40_000, 100_000, 10**9):
+        expected = split_torch_state_dict_into_shards(state_dict, max_shard_size=limit)
+        assert checkpoints.plan_shards(specs, torch.float32, limit) == list(expected.filename_to_tensors.values())
+
+
+def test_a_tensor_over_the_limit_gets_its_own_shard_listed_first():
+    specs = [("a", torch.Size([10])), ("big", torch.Size([100])), ("c", torch.Size([10]))]
+    assert checkpoints.plan_shards(specs, torch.float32, 100) == [["big"], ["a", "c"]]
+
+
+def test_make_checkpoint_writes_what_save_torch_state_dict_writes(isolated_cache, tmp_path):
+    config = tiny_config()
+    ck = checkpoints.make_checkpoint(config, seed=2, max_shard_size=100_000)
+    save_torch_state_dict(dict(checkpoints.iter_tensors(config, seed=2)), tmp_path, max_shard_size=100_000)
+    theirs = json.loads((tmp_path / checkpoints.INDEX_NAME).read_text())
+    ours = json.loads(ck.index_path.read_text())
+    assert ours["weight_map"] == theirs["weight_map"] and list(ours["weight_map"]) == list(theirs["weight_map"])
+    assert ours["metadata"]["total_size"] == theirs["metadata"]["total_size"]
+    for shard in ck.shards:
+        mine, saved = load_file(shard), load_file(tmp_path / shard.name)
+        assert list(mine) == list(saved) and all(torch.equal(mine[k], saved[k]) for k in mine)
+
+
+def test_size_strings_are_read_by_huggingface_hub():
+    for text in ("2GB", "300MB", "5KB"):
+        assert checkpoints._parse_size(text) == parse_size_to_int(text)
+    assert checkpoints._parse_size(123) == 123

@@ -111,6 +111,41 @@ def test_blob_tree_and_commit_ids_are_the_ones_git_computes(published, tmp_path)
     assert commit == published.commit
 
 
+def test_blob_ids_and_folder_name_are_huggingface_hubs_own(published):
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils.sha import git_hash
+
+    for f in published.files:
+        data = (TINY / f.path).read_bytes()
+        expected = git_hash(hub.lfs_pointer(f.blob, f.size)) if f.lfs else git_hash(data)
+        assert f.git_id == expected, f.path
+    assert published.storage_folder.name == repo_folder_name(repo_id=REPO, repo_type="model")
+
+
+def test_tree_listing_bytes_are_what_huggingface_hubs_private_writer_writes(published, tmp_path):
+    from huggingface_hub import _tree_cache
+
+    entries = {f.path: _tree_cache.TreeCacheEntry(**f.tree_entry()) for f in published.files}
+    _tree_cache.write_tree_cache(str(tmp_path), published.commit, entries)
+    try:
+        written = (tmp_path / "trees" / f"{published.commit}.json").read_bytes()
+        assert written == hub.tree_listing(published.files)
+        assert written == (published.storage_folder / "trees" / f"{published.commit}.json").read_bytes()
+    finally:  # write_tree_cache also seeds the library's in-memory cache: forget our temporary entry
+        _tree_cache._IN_MEMORY_TREE_CACHE.pop(_tree_cache._tree_cache_path(str(tmp_path), published.commit), None)
+
+
+def test_scan_cache_dir_does_not_follow_offline_hub_but_downloads_do(published):
+    # offline_hub's docstring: scan_cache_dir binds HF_HUB_CACHE at import (utils/_cache_manager.py), the
+    # download functions read constants.HF_HUB_CACHE at call time
+    from huggingface_hub.utils import _cache_manager
+
+    with hub.offline_hub():
+        assert constants.HF_HUB_CACHE == str(hub.hub_cache_dir())
+        assert _cache_manager.HF_HUB_CACHE != constants.HF_HUB_CACHE
+        assert try_to_load_from_cache(REPO, "config.json") == str(published.snapshot_folder / "config.json")
+
+
 def test_tree_listing_is_the_one_huggingface_hub_reads(published):
     from huggingface_hub._tree_cache import read_tree_cache
 
