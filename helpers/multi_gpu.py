@@ -190,6 +190,71 @@ def load_multi_gpu_results(folder: str | Path = RESULTS_DIR) -> list[dict]:
     return results
 
 
+@dataclass(frozen=True)
+class MultiGpuResult:
+    """One committed run of benchmarks/multi_gpu_pipeline.py: a forward pass split over N GPUs and on one GPU."""
+
+    file: str
+    card: str
+    n_gpus: int
+    date: str
+    split_seconds: float  # best forward pass with the replica split over the N GPUs by device_map="auto"
+    one_gpu_seconds: float  # best forward pass with the whole replica on cuda:0
+    timeline: PipelineTimeline  # the traced forward pass of the split
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> MultiGpuResult:
+        """Read one result file's contents (as `load_multi_gpu_results` returns them)."""
+        seconds = data["seconds_per_forward"]
+        split = next(v for k, v in seconds.items() if k.startswith("split"))
+        return cls(data.get("file", ""), data["card"], int(data["n_gpus"]), data["date"], float(split),
+                   float(seconds["one GPU"]), PipelineTimeline.from_dict(data["timeline"]))
+
+    @property
+    def ratio(self) -> float:
+        """Split time over one-GPU time: about 1 (or above, by the hand-offs) when the GPUs take turns."""
+        return self.split_seconds / self.one_gpu_seconds
+
+    @property
+    def mean_utilisation(self) -> float:
+        """The share of the traced pass each GPU computed, on average: at most 1 / N for a layer-wise split."""
+        devices = self.timeline.devices
+        return sum(self.timeline.busy(d) for d in devices) / (len(devices) * self.timeline.span)
+
+    def __repr__(self) -> str:
+        return (f"MultiGpuResult({self.n_gpus} x {self.card}, {self.date}: one forward pass "
+                f"{self.split_seconds * 1e3:.2f} ms split, {self.one_gpu_seconds * 1e3:.2f} ms on one GPU "
+                f"({self.ratio:.2f}x); each GPU busy {self.mean_utilisation:.1%} of the pass on average, "
+                f"1/{self.n_gpus} = {1 / self.n_gpus:.1%}; {self.file})")
+
+
+def plot_multi_gpu_results(results: list[MultiGpuResult]) -> Figure:
+    """Per committed run: the forward pass split vs on one GPU, and each GPU's mean busy share vs 1/N."""
+    results = sorted(results, key=lambda r: (r.n_gpus, r.card, r.date))
+    labels = [f"{r.n_gpus} x {r.card}\n{r.date}" for r in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.6 + 0.6 * max(2, len(results))), layout="constrained")
+    rows = range(len(results))
+    left.barh([i - 0.2 for i in rows], [r.split_seconds * 1e3 for r in results], height=0.4,
+              color=device_colour(1), label="split over the N GPUs")
+    left.barh([i + 0.2 for i in rows], [r.one_gpu_seconds * 1e3 for r in results], height=0.4,
+              color=device_colour(0), label="whole model on one GPU")
+    left.set_yticks(list(rows), labels)
+    left.invert_yaxis()
+    left.set_xlabel("ms per forward pass (best of the run's repeats)")
+    left.legend(fontsize=8, loc="lower right")
+    right.barh(list(rows), [r.mean_utilisation for r in results], height=0.5, color=device_colour(1),
+               label="measured: mean busy share per GPU")
+    right.scatter([1 / r.n_gpus for r in results], list(rows), marker="|", s=400, color="black", zorder=3,
+                  label="1/N: the most a layer-wise split allows")
+    right.set_yticks(list(rows), [""] * len(results))
+    right.invert_yaxis()
+    right.set_xlim(0, 1)
+    right.set_xlabel("share of the forward pass each GPU computed")
+    right.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Committed multi-GPU runs (data/results/multi-gpu-*.json)", fontsize=10, x=0.01, ha="left")
+    return fig
+
+
 def time_forward(model: torch.nn.Module, input_ids: torch.Tensor, repeats: int = 3) -> float:
     """The best of `repeats` forward passes, in seconds, with every GPU synchronized before the clock is read."""
     best = float("inf")

@@ -92,3 +92,38 @@ def test_on_two_gpus_the_blocks_run_on_their_planned_gpus():
     assert timeline.really_split
     assert {r.ran_on for r in timeline.runs} == {"cuda:0", "cuda:1"}
     assert not timeline.overlaps()
+
+
+def synthetic_result(n_gpus: int) -> dict:
+    """What benchmarks/multi_gpu_pipeline.py writes, for n_gpus GPUs taking turns (two blocks each, 1 ms apiece)."""
+    runs = [{"block": f"model.layers.{i}", "planned": i // 2, "ran_on": f"cuda:{i // 2}", "start": i * 1e-3,
+             "end": (i + 1) * 1e-3} for i in range(2 * n_gpus)]
+    return {"card": "Some GPU", "n_gpus": n_gpus, "date": "2026-11-29", "timeline": {"runs": runs},
+            "seconds_per_forward": {f"split over {n_gpus} GPUs": 2.2e-3 * n_gpus, "one GPU": 2e-3 * n_gpus},
+            "device_map": {}, "overlapping_blocks": 0}
+
+
+@pytest.mark.parametrize("n_gpus", [2, 4])
+def test_a_committed_result_file_is_read_summarised_and_plotted(tmp_path, n_gpus):
+    (tmp_path / f"multi-gpu-some-gpu-x{n_gpus}.json").write_text(json.dumps(synthetic_result(n_gpus)))
+    (tmp_path / "nvidia-h100-80gb-hbm3.json").write_text("{}")  # another benchmark's file: not read
+    [data] = multi_gpu.load_multi_gpu_results(tmp_path)
+    result = multi_gpu.MultiGpuResult.from_dict(data)
+    assert (result.file, result.card, result.n_gpus) == (f"multi-gpu-some-gpu-x{n_gpus}.json", "Some GPU", n_gpus)
+    assert result.ratio == pytest.approx(1.1)
+    assert result.timeline.really_split and result.timeline.devices == list(range(n_gpus))
+    assert result.mean_utilisation == pytest.approx(1 / n_gpus)
+    assert f"{n_gpus} x Some GPU" in repr(result) and "1.10x" in repr(result)
+    figure = multi_gpu.plot_multi_gpu_results([result])
+    assert isinstance(figure, Figure) and len(figure.axes) == 2
+    assert figure.axes[0].get_yticklabels()[0].get_text().startswith(f"{n_gpus} x Some GPU")
+
+
+def test_runs_on_two_and_four_gpus_are_plotted_together(tmp_path):
+    for n in (4, 2):
+        (tmp_path / f"multi-gpu-some-gpu-x{n}.json").write_text(json.dumps(synthetic_result(n)))
+    results = [multi_gpu.MultiGpuResult.from_dict(d) for d in multi_gpu.load_multi_gpu_results(tmp_path)]
+    assert sorted(r.n_gpus for r in results) == [2, 4]
+    figure = multi_gpu.plot_multi_gpu_results(results)
+    labels = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    assert [label.split(" x ")[0] for label in labels] == ["2", "4"]
