@@ -197,9 +197,12 @@ def _child_main(conn, fn, args, kwargs, cap, gpu_budget, interval, log_path=None
         _return_freed_memory_promptly()
         _start_worker_threads()
         _apply_gpu_budget(gpu_budget)
-        _apply_cap(cap)
-        conn.send(("ready", psutil.Process().memory_info().rss))  # the watchdog's baseline
+        # The sampler thread starts before the cap: its stack (as large as `ulimit -s`, 8 MiB on most Linux
+        # machines) and its malloc arena are the measurement's memory, not the work's. Started under a small
+        # cap, it failed with "can't start new thread" on a 16-core GPU host.
         with timeline:
+            _apply_cap(cap)
+            conn.send(("ready", psutil.Process().memory_info().rss))  # the watchdog's baseline
             try:
                 result.value = (fn(*args, timeline=timeline, **kwargs) if _accepts_timeline(fn)
                                 else fn(*args, **kwargs))
