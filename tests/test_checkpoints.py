@@ -5,6 +5,7 @@ import pytest
 import torch
 from huggingface_hub import save_torch_state_dict, split_torch_state_dict_into_shards
 from huggingface_hub.serialization._base import parse_size_to_int
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers import checkpoints
@@ -157,3 +158,15 @@ def test_size_strings_are_read_by_huggingface_hub():
     for text in ("2GB", "300MB", "5KB"):
         assert checkpoints._parse_size(text) == parse_size_to_int(text)
     assert checkpoints._parse_size(123) == 123
+
+
+def test_the_hand_read_header_agrees_with_safe_open(isolated_cache):
+    ck = checkpoints.make_checkpoint(tiny_config(), dtype=torch.float16, max_shard_size=100_000)
+    for shard in ck.shards:
+        header = checkpoints.read_safetensors_header(shard)
+        metadata = header.pop("__metadata__", None)
+        with safe_open(shard, "pt") as f:
+            assert sorted(header) == sorted(f.keys()) and metadata == f.metadata()
+            for name, info in header.items():
+                tensor_slice = f.get_slice(name)
+                assert info["shape"] == tensor_slice.get_shape() and info["dtype"] == tensor_slice.get_dtype()
