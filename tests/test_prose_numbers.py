@@ -77,19 +77,6 @@ KNOWN_UNBACKED = {
     ('06_hooks.ipynb', '28.69 MiB'): 1,
     ('06_hooks.ipynb', '288 KiB'): 1,
     ('06_hooks.ipynb', '7.88 MiB'): 1,
-    ('07_from_pretrained_and_the_hub.ipynb', '10 MiB'): 1,
-    ('07_from_pretrained_and_the_hub.ipynb', '13.5 GB'): 1,
-    ('07_from_pretrained_and_the_hub.ipynb', '17 MB'): 1,
-    ('07_from_pretrained_and_the_hub.ipynb', '7 MB'): 1,
-    ('07_from_pretrained_and_the_hub.ipynb', '9.2 GB'): 1,
-    ('10_beyond_one_gpu.ipynb', '1.71 GB'): 1,
-    ('10_beyond_one_gpu.ipynb', '13.5 GB'): 1,
-    ('10_beyond_one_gpu.ipynb', '137.95 GB'): 1,
-    ('10_beyond_one_gpu.ipynb', '69 GB'): 1,
-    ('10_beyond_one_gpu.ipynb', '70 ms'): 1,
-    ('11_troubleshooting.ipynb', '139 MiB'): 1,
-    ('11_troubleshooting.ipynb', '16.8 MB'): 1,
-    ('11_troubleshooting.ipynb', '32 MiB'): 1,
 }
 
 
