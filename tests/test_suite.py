@@ -64,6 +64,16 @@ def test_readme_table_lists_every_notebook(path):
     assert f"notebooks/{path.name}" in README, f"README's notebook table lacks {path.name}"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_readme_states_the_cards_run_time(path):
+    """The README's "CPU time" column says what the notebook's own card says (one reference time, not two)."""
+    card = next(text(c) for c in cells(path) if "**Runs in**" in text(c))
+    seconds = re.search(r"\*\*Runs in\*\* \| about (\d+) s", card)
+    assert seconds, f"{path.name}: the card's 'Runs in' row should start 'about N s'"
+    row = re.search(rf"\(notebooks/{re.escape(path.name)}\) \|[^\n]*?\| ~(\d+) s \|", README)
+    assert row and row.group(1) == seconds.group(1), (path.name, seconds.group(1), row and row.group(1))
+
+
 def test_readme_links_point_to_existing_files():
     for target in re.findall(r"\]\(((?:notebooks|helpers|tests|data|benchmarks|tools)/[^)#]+)\)", README):
         assert (ROOT / target).exists(), f"README links to missing {target}"
