@@ -11,6 +11,11 @@ Every selector is scoped to the notebook's own panel, and completion is read fro
 JupyterLab's REST API as well as from the panel's prompts, so nothing depends on what else the page holds.
 Screenshots go to test-artifacts/browser/.
 
+The presenter's notebook (00) is also shown as slides: after a Run All, the RISE slideshow is started as the README
+says (Alt+R in the notebook: RISE's "Render as Reveal Slideshow" preview), then the same slideshow is opened in a
+projector-sized window and stepped through with the space bar, one screenshot per step, until the last one; the
+number of steps must be the number of slides, subslides and fragments its cells' slide metadata declares.
+
 Needs Chromium (Debian's package: /usr/bin/chromium; .ci/run installs it) and the playwright package
 (requirements.txt). `make test-all` runs it (and fails without Chromium, saying so); `make test` leaves it out.
 """
@@ -42,6 +47,10 @@ APPS = {  # notebook -> (CSS class of the app, description of a control to chang
     "05_dispatch.ipynb": ("device-map-explorer", "GPU 0 budget (GiB)", "device-map-explorer-plan"),
     "09_capstone_70b_on_a100.ipynb": ("inference-planner", "GPU", "inference-planner-result"),
 }
+
+SLIDESHOW = "00_demo.ipynb"  # the notebook presented as slides (RISE)
+PROJECTOR = {"width": 1280, "height": 720}  # CSS pixels: a full-HD projector with the browser zoomed to 150%
+
 
 def repository_state() -> str:
     """Paths git sees as changed or untracked (ignored files, such as the cache, are not listed)."""
@@ -227,3 +236,69 @@ def test_notebook_runs_twice_in_jupyterlab_and_writes_only_its_cache(browser, la
         lab.shut_down(path.name)
         page.close()
     assert repository_state() == before, "the notebook wrote files outside the git-ignored cache"
+
+
+def slideshow_steps(path: Path) -> int:
+    """How many steps the slideshow has: one per cell that starts a slide, a subslide or a fragment (RISE's rule).
+
+    Cells without a slide type continue the current step; "skip" and "notes" cells are not shown.
+    """
+    types = [c.get("metadata", {}).get("slideshow", {}).get("slide_type", "-") for c in
+             json.loads(path.read_text())["cells"]]
+    shown = [t for t in types if t not in ("skip", "notes")]
+    return sum(t in ("slide", "subslide", "fragment") for t in shown) + (shown[0] not in ("slide", "subslide"))
+
+
+def slide_position(page) -> tuple:
+    """Where the slideshow stands: Reveal's location (slide, subslide, fragment) and how many fragments show."""
+    return page.evaluate("() => [location.hash, document.querySelectorAll('.reveal .slides .fragment.visible').length]")
+
+
+def test_00_demo_runs_as_a_slideshow(browser, lab):
+    """00 after a Run All: Alt+R shows the RISE slideshow; every step of it is visited and screenshotted."""
+    path = ROOT / "notebooks" / SLIDESHOW
+    page = open_notebook(browser, lab, SLIDESHOW)
+    slides = None
+    try:
+        problems = run_all_and_save(page, lab, SLIDESHOW)
+        assert not problems, "Run All:\n" + "\n".join(problems)
+        panel = page.locator(PANEL)
+        panel.locator(".jp-Cell").first.click()  # focus the notebook, then command mode, where Alt+R is bound
+        page.keyboard.press("Escape")
+        page.keyboard.press("Alt+r")  # RISE:preview, "Render as Reveal Slideshow"
+        preview = page.locator("iframe[src*='/rise/']")
+        preview.wait_for(timeout=120_000)
+        deadline = time.monotonic() + 120
+        while not any("/rise/" in f.url for f in page.frames):  # the iframe exists before its page loads
+            assert time.monotonic() < deadline, "the slideshow preview did not load"
+            page.wait_for_timeout(500)
+        frame = next(f for f in page.frames if "/rise/" in f.url)
+        frame.wait_for_selector(".reveal .slides section.present", timeout=120_000)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=ARTIFACTS / f"{path.stem}-slideshow-started.png")
+        # The same slideshow in a window of its own (RISE's "Open as Reveal Slideshow"), at a projector's size.
+        slides = browser.new_page(viewport=PROJECTOR, device_scale_factor=1.5)
+        slides.set_default_timeout(120_000)
+        slides.goto(f"{frame.url.split('#')[0]}?token={lab.token}")
+        slides.wait_for_selector(".reveal .slides section.present", timeout=120_000)
+        slides.wait_for_timeout(2000)  # let the outputs render
+        visited = [slide_position(slides)]
+        while True:
+            slides.screenshot(path=ARTIFACTS / f"{path.stem}-slide-{len(visited):02d}.png")
+            slides.keyboard.press("Space")
+            slides.wait_for_timeout(600)  # the transition
+            position = slide_position(slides)
+            if position == visited[-1]:
+                break  # the last step: space no longer moves
+            visited.append(position)
+            assert len(visited) <= 200, "the slideshow does not end"
+        assert len(visited) == slideshow_steps(path), (len(visited), slideshow_steps(path), visited)
+    except Exception:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=ARTIFACTS / f"{path.stem}-slideshow-failure.png", full_page=True)
+        raise
+    finally:
+        if slides is not None:
+            slides.close()
+        lab.shut_down(SLIDESHOW)
+        page.close()

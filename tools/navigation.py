@@ -40,7 +40,9 @@ def navigation_source(paths: list[Path], i: int) -> str:
 
 
 def nav_cell(source: str, cell_id: str) -> dict:
-    return {"cell_type": "markdown", "id": cell_id, "metadata": {"tags": ["navigation"]},
+    """A navigation cell; left out of slideshows (RISE reads `slideshow.slide_type`), where it would be a slide."""
+    return {"cell_type": "markdown", "id": cell_id,
+            "metadata": {"slideshow": {"slide_type": "skip"}, "tags": ["navigation"]},
             "source": source.splitlines(True)}
 
 
