@@ -67,9 +67,18 @@ def plot_against_bound(rows: Sequence[tuple[str, float, float]], *, title: str =
     return fig
 
 
+#: the other benchmarks' files in data/results/ (benchmarks/capstone_70b.py, benchmarks/multi_gpu_pipeline.py)
+OTHER_BENCHMARKS = ("capstone-70b-", "multi-gpu-")
+
+
+def offload_result_paths(folder: str | Path = RESULTS_DIR) -> list[Path]:
+    """The files of data/results/ that benchmarks/offload_benchmark.py wrote (one per card)."""
+    return [p for p in sorted(Path(folder).glob("*.json")) if not p.name.startswith(OTHER_BENCHMARKS)]
+
+
 def committed_results(folder: str | Path = RESULTS_DIR) -> list[dict]:
-    """Every GPU result committed under data/results/ (written by benchmarks/offload_benchmark.py)."""
-    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+    """Every offload-benchmark GPU result committed under data/results/ (benchmarks/offload_benchmark.py)."""
+    return [json.loads(p.read_text()) for p in offload_result_paths(folder)]
 
 
 def plot_gpu_results(results: dict) -> Figure:

@@ -721,8 +721,10 @@ class Bound:
                 f"{self.transfer_seconds * 1e3:.1f} ms))")
 
 
-BELOW_BOUND = ("below the bound, which no step can be: the rates in the bound were measured apart from this step (at "
-               "other moments, on other bytes), and this step met a faster link or quieter cores than they did")
+BELOW_BOUND = ("below the bound, which no step can be: the bound's terms were measured apart from this step (at other "
+               "moments, on other bytes), and this step met a faster link, or, where the compute term sets the bound, "
+               "quicker kernel launches: a small model's step on a GPU is mostly the CPU launching kernels, whose "
+               "speed varies from one moment to the next")
 
 
 def against_bound(seconds: float, bound: float) -> str:

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import streaming
 from helpers.models import load_config, meta_model
+from helpers.speed_plots import offload_result_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = 4
@@ -215,7 +216,7 @@ def test_disk_read_bandwidth_is_measured_on_a_fresh_file(tmp_path):
     assert streaming.read_bandwidth(path, cold=True) > 0 and streaming.read_bandwidth(path, cold=False) > 0
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "data" / "results").glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", offload_result_paths(ROOT / "data" / "results"), ids=lambda p: p.name)
 def test_committed_gpu_results_have_what_the_notebook_plots(path):
     results = json.loads(path.read_text())
     for key in ("card", "date", "versions", "bandwidth", "resident", "placements", "model"):
