@@ -6,7 +6,9 @@ baseline. The notebooks print their source: the lines here are the lesson.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from unittest import mock
 
 import torch
 from safetensors.torch import load_file
@@ -194,3 +196,37 @@ def long_prompt_forward(config_name: str | PretrainedConfig, checkpoint_folder: 
             rows.append({"tokens": length, "ok": False, "error": str(exc).splitlines()[0]})
             break
     return {"overhead": overhead, "rows": rows}
+
+
+# --- progress bars: noise in a notebook that loads many times -----------------------------------------
+
+
+@contextlib.contextmanager
+def no_accelerate_bars():
+    """Within the block, accelerate draws no progress bars while loading.
+
+    `load_checkpoint_in_model` (accelerate/utils/modeling.py) draws a per-weight bar whenever
+    `is_tqdm_available()`, and has no switch for it; the name is answered False there for the block.
+    """
+    import accelerate.utils.modeling as accelerate_modeling
+
+    with mock.patch.object(accelerate_modeling, "is_tqdm_available", return_value=False):
+        yield
+
+
+def hide_loading_bars() -> None:
+    """For the rest of this process, no loading progress bars: a notebook's setup calls it when bars are noise.
+
+    transformers' "Loading weights" bars have a switch (`transformers.logging.disable_progress_bar`);
+    accelerate's have none, so its `is_tqdm_available` is replaced in accelerate/utils/modeling.py by a
+    function answering False. Calling it again changes nothing.
+    """
+    import accelerate.utils.modeling as accelerate_modeling
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    accelerate_modeling.is_tqdm_available = _no_tqdm
+
+
+def _no_tqdm() -> bool:
+    return False

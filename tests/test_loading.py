@@ -34,3 +34,25 @@ def test_reference_logits_of_an_untied_checkpoint_are_the_ones_from_pretrained_g
     config = tiny_config()
     ck = checkpoints.make_checkpoint(config)
     assert loading.reference_logits(config, ck.folder) == transformers_logits(ck.folder)
+
+
+def test_loading_bars_are_switched_off_only_where_asked(monkeypatch):
+    import accelerate.utils.modeling as accelerate_modeling
+    from transformers.utils import logging as hf_logging
+
+    from helpers.loading import hide_loading_bars, no_accelerate_bars
+
+    original = accelerate_modeling.is_tqdm_available
+    with no_accelerate_bars():
+        assert accelerate_modeling.is_tqdm_available() is False
+    assert accelerate_modeling.is_tqdm_available is original  # the block undid it
+
+    monkeypatch.setattr(accelerate_modeling, "is_tqdm_available", original)  # restored after this test
+    enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        hide_loading_bars()
+        hide_loading_bars()  # again: the same state
+        assert accelerate_modeling.is_tqdm_available() is False and not hf_logging.is_progress_bar_enabled()
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
