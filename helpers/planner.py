@@ -7,6 +7,7 @@ comes from the bytes each token moves over each link (PCIe, the disk) and the me
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,9 +53,13 @@ class Links:
 
     def __repr__(self) -> str:
         mapped = f" (mapped per tensor {self.disk_read_mapped / 1e9:.2f})" if self.disk_read_mapped else ""
+        # a link given as inf (never the bottleneck) or nan (not used: the compute time is measured) says so
+        disk = (f"disk {self.disk_read / 1e9:.2f} GB/s{mapped}" if math.isfinite(self.disk_read)
+                else "disk not used (infinite rate)")
+        memory = (f"device memory {self.device_memory / 1e12:.2f} TB/s" if math.isfinite(self.device_memory)
+                  else "device memory not used (compute measured)")
         return (f"Links(pinned {self.pinned_h2d / 1e9:.1f} GB/s, pageable {self.pageable_h2d / 1e9:.1f} GB/s, "
-                f"disk {self.disk_read / 1e9:.2f} GB/s{mapped}, device memory {self.device_memory / 1e12:.2f} TB/s;"
-                f"\n  {self.source})")
+                f"{disk}, {memory};\n  {self.source})")
 
 
 def links_from_results(run: dict, device_memory: float) -> Links:
