@@ -99,3 +99,19 @@ def test_code_is_tidy():
         pytest.skip("ruff is not installed")
     result = subprocess.run([ruff, "check", "helpers", "tests", "tools"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_capstone_numbers_are_the_committed_run():
+    """The README's full-scale numbers for 09 are those of data/results/capstone-70b-nvidia-h200.json."""
+    import json
+
+    run = json.loads((ROOT / "data" / "results" / "capstone-70b-nvidia-h200.json").read_text())
+    batch = {row["batch"]: row for row in run["streamer_batches"] if "error" not in row}
+    typed = (f"{run['placement']['gpu_layers']} decoder layers on the GPU and {run['placement']['cpu_layers']} in RAM, "
+             f"accelerate {run['accelerate']['seconds']:.1f} s/token, the streamer {run['streamer']['seconds']:.2f} "
+             f"s/token at its bound, the same greedy tokens, batch 64 giving "
+             f"{batch[64]['tokens_per_second'] / batch[1]['tokens_per_second']:.0f}x the tokens/s of batch 1")
+    assert typed in README, typed
+    assert run["accelerate"]["tokens"] == run["streamer"]["tokens"]
+    assert run["summary"]["checks"]["streamer_within_1.1x_of_bound"]
+
