@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import inspect
 import json
 import os
 import platform
@@ -62,6 +61,7 @@ import torch
 from helpers import streaming
 from helpers.memory import activation_bytes, format_bytes, gpu_by_name, kv_cache_bytes
 from helpers.models import load_config, meta_model
+from helpers.offload import set_tensor
 from helpers.paths import RESULTS_DIR
 from helpers.planner import (
     DATASHEET_MEMORY_BANDWIDTH,
@@ -139,15 +139,6 @@ def placement_from_plan(config, tiny: bool) -> tuple[dict[int, str], dict]:
     return placement, info
 
 
-def set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    module = root.get_submodule(module_name) if module_name else root
-    if leaf in module._parameters:
-        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[leaf] = value
-
-
 def bind_layer(layer: torch.nn.Module, layout: streaming.LayerLayout, flat: torch.Tensor) -> None:
     """Make a decoder layer's parameters typed views into a flat uint8 buffer laid out by `layout`."""
     for span, view in zip(layout.spans, layout.views(flat), strict=True):
@@ -195,11 +186,6 @@ def build_weights(model, placement: dict[int, str], layout, device: torch.device
     return host
 
 
-def cache_argument(model) -> str:
-    # transformers 5.2x renamed past_key_values to cache; older 5.x releases know only the old name
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
 def prompt_ids(batch: int, tokens: int, vocab: int, device) -> torch.Tensor:
     """A deterministic short prompt per row (rows differ)."""
     return ((torch.arange(tokens)[None] * 7 + 3 + 11 * torch.arange(batch)[:, None]) % vocab).to(device)
@@ -235,7 +221,7 @@ def greedy(model, device: torch.device, batch: int, new_tokens: int, *, passes: 
     run once untimed first (each KV-cache length seen for the first time in a process costs extra on a GPU:
     benchmarks/decode_warmup_diagnosis.py).
     """
-    name = cache_argument(model)
+    name = streaming.cache_argument(model)
     for _ in range(passes):
         ids = prompt_ids(batch, PROMPT_TOKENS, model.config.vocab_size, device)
         with Timer(device) as prefill:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .memory import format_bytes
+from .offload import set_tensor
 
 INDEX_NAME = "model.safetensors.index.json"
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
@@ -455,15 +456,6 @@ class StreamedModel:
                 f"disk {format_bytes(self.disk_bytes)};\n  {self.streamer!r})")
 
 
-def _set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    module = root.get_submodule(module_name) if module_name else root
-    if leaf in module._parameters:
-        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[leaf] = value
-
-
 def stream_model(model: torch.nn.Module, checkpoint_folder: str | Path, device_map: Mapping[str, str | int], *,
                  depth: int = 1, pinned: bool = True, non_blocking: bool = True,
                  side_stream: bool = True, layers_prefix: str = "model.layers") -> StreamedModel:
@@ -502,13 +494,13 @@ def stream_model(model: torch.nn.Module, checkpoint_folder: str | Path, device_m
                 raise ValueError(f"{name} is {location.dtype} in the checkpoint but {tensor.dtype} in the model")
             host = torch.empty(location.shape, dtype=location.dtype)  # ordinary (aligned) memory
             reader.read_into(location, host)
-            _set_tensor(model, name, host.to(device))
+            set_tensor(model, name, host.to(device))
             resident_bytes += location.nbytes
         elif tensor.is_meta:
             raise ValueError(f"{name} is not in the checkpoint and has no value: build the skeleton with "
                              "accelerate's init_empty_weights() (buffers keep their values), not on the meta device")
         else:  # a buffer the checkpoint does not hold (rotary inv_freq): real values from the skeleton
-            _set_tensor(model, name, tensor.to(device))
+            set_tensor(model, name, tensor.to(device))
 
     host_layers = [i for i in streamed if placement[i] == "cpu"]
     host_store = None
@@ -568,6 +560,12 @@ class _StepTimer:
         return time.perf_counter() - self._t0
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name `forward` takes the KV cache by: transformers 5.2x renamed past_key_values to cache (older 5.x
+    releases know only the old name)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def time_decode(model: torch.nn.Module, device: str | torch.device, *, prompt_tokens: int = 16, steps: int = 5,
                 warmup: int = 1, vocab_size: int | None = None, before_step: Callable[[], None] | None = None,
@@ -585,8 +583,7 @@ def time_decode(model: torch.nn.Module, device: str | torch.device, *, prompt_to
     if replay is None:
         replay = torch.device(device).type == "cuda"
     timer = _StepTimer(device)
-    # transformers 5.2x renamed past_key_values to cache; older 5.x releases know only the old name
-    cache_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    cache_name = cache_argument(model)
     for _pass in range(2 if replay else 1):  # with replay, only the second pass is kept
         ids = (torch.arange(prompt_tokens)[None] * 7 + 3) % vocab_size
         out = model(ids.to(device), use_cache=True)
@@ -797,5 +794,5 @@ def accelerate_model(config, checkpoint_folder: str | Path, device_map: Mapping[
         # give them ordinary memory, as every other model here has: then all run the same kernels.
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if tensor.device.type == "cpu" and tensor.data_ptr() % 16:
-                _set_tensor(model, name, tensor.detach().clone())
+                set_tensor(model, name, tensor.detach().clone())
     return dispatch_model(model, dict(device_map), offload_dir=str(offload_folder) if on_disk else None)
