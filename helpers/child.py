@@ -135,23 +135,28 @@ def _apply_cap(cap: MemoryCap | None) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + cap.budget_bytes, hard))
 
 
-def _return_freed_memory_promptly() -> None:
+#: blocks this large and larger get a mapping of their own, returned to the OS when freed
+MMAP_THRESHOLD = 128 * 1024
+
+
+def return_freed_memory_promptly() -> bool:
     """Make glibc give freed blocks of 128 KiB and more straight back to the OS (fixed mmap threshold).
 
     By default glibc raises its mmap threshold after a large free, so later tensors come from the
     heap and freed ones stay counted there; under a cap, memory that the program already released
     would then still count. A GPU's caching allocator has the same habit (torch.cuda.empty_cache).
+    Returns whether the threshold was set (False off Linux or without glibc: memory readings may stay flat).
     """
     if not sys.platform.startswith("linux"):
-        return
+        return False
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # -3 is M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-        pass
+        return False
 
 
 def _start_worker_threads() -> None:
@@ -194,7 +199,7 @@ def _child_main(conn, fn, args, kwargs, cap, gpu_budget, interval, log_path=None
     timeline = MemoryTimeline(interval=interval)
     timeline.on_reset.append(lambda: _apply_cap(cap))  # the budget starts where the measurement starts
     try:
-        _return_freed_memory_promptly()
+        return_freed_memory_promptly()
         _start_worker_threads()
         _apply_gpu_budget(gpu_budget)
         # The sampler thread starts before the cap: its stack (as large as `ulimit -s`, 8 MiB on most Linux
