@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import zlib
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
 from .memory import format_bytes
-from .models import load_config, meta_model
+from .models import load_config, meta_model, scaled_config
 from .paths import cache_dir
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -105,7 +106,7 @@ def tensor_specs(config: PretrainedConfig, dtype: torch.dtype) -> list[tuple[str
 
 def generate_tensor(name: str, shape: torch.Size, seed: int, std: float, dtype: torch.dtype) -> torch.Tensor:
     """One deterministic tensor: norms are ones, biases zeros, the rest normal(0, std) from a per-name seed."""
-    if name.endswith("norm.weight"):
+    if name.endswith("norm.weight") or re.search(r"\.ln_\w+\.weight$", name):  # RMSNorm/LayerNorm; GPT-2's ln_1
         return torch.ones(shape, dtype=dtype)
     if name.endswith(".bias"):
         return torch.zeros(shape, dtype=dtype)
@@ -310,3 +311,12 @@ def load_pickle_weights(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path.name} contains more than tensors (a pickled Python object that would run code when loaded), "
             f"so it was refused. Load it with weights_only=False only if you trust its source, then re-save it "
             f"as safetensors. The unpickler said: {str(exc).splitlines()[-1][:300]}") from exc
+
+
+def architecture_checkpoint(name: str, shards: int = 4, **scale) -> Checkpoint:
+    """A checkpoint of a committed architecture (`helpers.models.OTHER_ARCHITECTURES`) at laptop scale, in about
+    `shards` shards: `scaled_config(name, **scale)` through `make_checkpoint`. What the own-model test points
+    BIGMODEL_CHECKPOINT at, and what you can try by hand (`print(architecture_checkpoint("gpt2").folder)`)."""
+    config = scaled_config(name, **scale)
+    total = sum(shape.numel() for _, shape in tensor_specs(config, torch.float32)) * 4
+    return make_checkpoint(config, max_shard_size=total // shards + 1)

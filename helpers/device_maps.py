@@ -23,6 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from .layout import LayoutError, layout_of
 from .memory import format_bytes
 
 Device = int | str
@@ -60,6 +61,31 @@ def layer_index(name: str) -> int | None:
     """The decoder-layer number in a module name ('model.layers.7' and 'model.layers.7.mlp' -> 7), else None."""
     match = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", name)
     return int(match.group(1)) if match else None
+
+
+def block_names(model: torch.nn.Module) -> list[str]:
+    """The decoder blocks' module names, read from the model (`helpers.layout`): 'model.layers.0', ... for Llama,
+    'transformer.h.0', ... for GPT-2. A module without `_no_split_modules` falls back to Llama's 'layers.N' names."""
+    try:
+        layout = layout_of(model)
+    except LayoutError:
+        return [name for name, _ in model.named_modules() if _LAYER.search(name)]
+    return [layout.block(i) for i in range(layout.num_blocks)]
+
+
+def _block_index(blocks: list[str]):
+    """A function: module or tensor name -> the number of the block it is in (None outside every block)."""
+    prefixes = {name: i for i, name in enumerate(blocks)}
+
+    def index(name: str) -> int | None:
+        probe = name
+        while probe:
+            if probe in prefixes:
+                return prefixes[probe]
+            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+        return None
+
+    return index
 
 
 def device_of(name: str, device_map: DeviceMap) -> Device:
@@ -163,10 +189,9 @@ def summarize_device_map(device_map: DeviceMap, model: torch.nn.Module,
         parameter_bytes[device] += sizes.get(name, 0) - buffers.get(name, 0)
         buffer_bytes[device] += buffers.get(name, 0)
     layer_devices: dict[int, set] = {}
-    for name, _ in model.named_modules():
-        if _LAYER.search(name):
-            inside = {d for entry, d in device_map.items() if entry == name or entry.startswith(name + ".")}
-            layer_devices[layer_index(name)] = inside or {device_of(name, device_map)}
+    for i, name in enumerate(block_names(model)):
+        inside = {d for entry, d in device_map.items() if entry == name or entry.startswith(name + ".")}
+        layer_devices[i] = inside or {device_of(name, device_map)}
     whole = {device: tuple(i for i, ds in sorted(layer_devices.items()) if ds == {device}) for device in modules}
     rows = tuple(DevicePlacement(d, modules[d], whole[d], parameter_bytes[d], buffer_bytes[d])
                  for d in device_order(modules))
@@ -222,12 +247,11 @@ def device_map_for_budgets(model: torch.nn.Module, gpu_bytes: int, cpu_bytes: in
 
 # --- drawing ---------------------------------------------------------------------------------------
 
-def _short_name(name: str) -> str:
-    index = layer_index(name)
+def _short_name(name: str, index: int | None) -> str:
     if index is not None:
         return str(index)
     last = name.rsplit(".", 1)[-1]
-    return {"embed_tokens": "emb", "lm_head": "head", "rotary_emb": "rot"}.get(last, last)
+    return {"embed_tokens": "emb", "wte": "emb", "lm_head": "head", "rotary_emb": "rot"}.get(last, last)
 
 
 def _ordered_entries(device_map: DeviceMap, model: torch.nn.Module) -> list[str]:
@@ -252,8 +276,9 @@ def _draw_strip(ax: Axes, device_map: DeviceMap, model: torch.nn.Module, sizes: 
     widths = [max(sizes.get(e, 0) / total, min_fraction) for e in entries]
     scale = sum(widths)
     widths = [w / scale for w in widths]
-    n_layers = sum(1 for name, _ in model.named_modules() if _LAYER.search(name))
-    every = label_every or max(1, round(n_layers / 20))
+    blocks = block_names(model)
+    layer_index = _block_index(blocks)
+    every = label_every or max(1, round(len(blocks) / 20))
     widest: dict[int, str] = {}  # a split layer is labelled once, on its widest piece
     for entry, width in zip(entries, widths, strict=True):
         index = layer_index(entry)
@@ -272,7 +297,7 @@ def _draw_strip(ax: Axes, device_map: DeviceMap, model: torch.nn.Module, sizes: 
         else:
             show = index % every == 0
         if show:
-            ax.text(left + width / 2, 0, _short_name(entry), ha="center", va="center", fontsize=7,
+            ax.text(left + width / 2, 0, _short_name(entry, index), ha="center", va="center", fontsize=7,
                     color="black" if device == "disk" or index in split else "white", clip_on=True,
                     bbox={"facecolor": "white", "edgecolor": "none", "pad": 1} if index in split else None)
         left += width

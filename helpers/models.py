@@ -17,12 +17,20 @@ from .paths import CONFIGS_DIR
 #: and a small demo Llama used to watch loading happen on a laptop.
 KNOWN_CONFIGS = ("llama-2-7b", "llama-2-13b", "llama-2-70b", "demo-llama-220m")
 
+#: The checkpoints people bring (notebooks 05, 07 and 09 with BIGMODEL_CHECKPOINT): their published config.json
+#: values, committed in data/configs (data/configs/README.md gives the hub repository of each). Other families than
+#: Llama-2 on purpose: tied and untied heads, embeddings from 2% to 29% of the weights, fused projections (Phi-3),
+#: an explicit head_dim (Gemma-2), GPT-2's names (transformer.h.N).
+OTHER_ARCHITECTURES = ("llama-3.2-1b", "llama-3-8b", "qwen2.5-0.5b", "qwen2.5-1.5b", "mistral-7b", "phi-3-mini",
+                       "gemma-2-2b", "gpt2")
+
 
 def config_path(name: str) -> Path:
     """Path of a committed config by name (see KNOWN_CONFIGS)."""
     path = CONFIGS_DIR / f"{name}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no config named {name!r} in {CONFIGS_DIR}; known: {', '.join(KNOWN_CONFIGS)}")
+        known = ", ".join((*KNOWN_CONFIGS, *OTHER_ARCHITECTURES))
+        raise FileNotFoundError(f"no config named {name!r} in {CONFIGS_DIR}; known: {known}")
     return path
 
 
@@ -154,3 +162,80 @@ def virtual_a100(config: PretrainedConfig | None = None) -> VirtualA100:
     scale = real / A100_80GB_BYTES
     return VirtualA100(budget_bytes=int(replica / scale), scale=scale, replica_fp32_bytes=replica,
                        real_fp32_bytes=real)
+
+
+# --- any architecture at laptop scale ------------------------------------------------------------
+
+
+def _vocabulary_line(config: PretrainedConfig, overrides: dict, vocab_sizes=(1024, 2048)) -> tuple[float, float]:
+    """Parameters as a + b * vocab_size for `config` with `overrides`: exact, from two meta models."""
+    counts = [count_parameters(meta_model(_with(config, {**overrides, "vocab_size": v}))) for v in vocab_sizes]
+    b = (counts[1] - counts[0]) / (vocab_sizes[1] - vocab_sizes[0])
+    return counts[0] - b * vocab_sizes[0], b
+
+
+def _with(config: PretrainedConfig, overrides: dict) -> PretrainedConfig:
+    """A fresh config of the same type with `overrides` (through __init__, so derived fields such as Gemma-2's
+    layer_types follow the new values; GPT-2's own names are used where it has them)."""
+    values = config.to_dict()
+    aliases = getattr(type(config), "attribute_map", {})
+    for key, value in overrides.items():
+        values[aliases.get(key, key)] = value
+    for key in ("transformers_version", "_name_or_path", "layer_types"):
+        values.pop(key, None)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # keep special tokens inside the vocabulary
+        if isinstance(values.get(key), int) and values[key] >= values["vocab_size"]:
+            values[key] %= values["vocab_size"]
+    model_type = values.pop("model_type")
+    scaled = AutoConfig.for_model(model_type, **values)
+    scaled._name_or_path = getattr(config, "_name_or_path", "") or model_type
+    return scaled
+
+
+def vocabulary_share(config: PretrainedConfig) -> float:
+    """The share of the parameters that grows with the vocabulary: the embedding, and the head when it is untied."""
+    a, b = _vocabulary_line(config, {}, (config.vocab_size, config.vocab_size + 1024))
+    return b * config.vocab_size / (a + b * config.vocab_size)
+
+
+def scaled_config(config: PretrainedConfig | str, num_hidden_layers: int = 8, head_dim: int = 16,
+                  query_heads: int = 8) -> PretrainedConfig:
+    """`config`'s architecture at laptop scale, its proportions kept (what `replica_config` does for Llama-2-70B).
+
+    Kept: the model class and block structure (fused or separate projections, biases, norms), the number of
+    query heads per KV head, the attention width relative to the hidden size (Gemma-2's is 0.89), the MLP width
+    relative to the hidden size, tied or untied head, and the vocabulary's share of the parameters (solved
+    exactly: parameters are a + b x vocab_size). Scaled: `num_hidden_layers` blocks (fewer if the model has fewer),
+    heads of `head_dim`, about `query_heads` query heads, and GPT-2's position table with the hidden size.
+    """
+    config = config if isinstance(config, PretrainedConfig) else load_config(config)
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    group = heads // kv_heads
+    original_head_dim = getattr(config, "head_dim", None) or hidden // heads
+    width_ratio = heads * original_head_dim / hidden  # attention width / hidden size: 1 except Gemma-2
+    new_kv = max(1, round(query_heads / group))
+    new_heads = new_kv * group
+    new_hidden = round(new_heads * head_dim / width_ratio / 8) * 8
+    overrides: dict = {"hidden_size": new_hidden, "num_attention_heads": new_heads,
+                       "num_hidden_layers": min(num_hidden_layers, config.num_hidden_layers)}
+    if hasattr(config, "num_key_value_heads"):
+        overrides["num_key_value_heads"] = new_kv
+    if getattr(config, "head_dim", None) and width_ratio != 1:
+        overrides["head_dim"] = head_dim
+    if getattr(config, "query_pre_attn_scalar", None) == original_head_dim:  # Gemma-2 scales scores by head_dim
+        overrides["query_pre_attn_scalar"] = head_dim
+    if getattr(config, "intermediate_size", None):
+        overrides["intermediate_size"] = round(config.intermediate_size * new_hidden / hidden / 8) * 8
+    if getattr(config, "max_window_layers", None):
+        overrides["max_window_layers"] = overrides["num_hidden_layers"]
+    if config.model_type == "gpt2":  # its learned position table scales with the hidden size, like a layer
+        overrides["n_positions"] = overrides["n_ctx"] = max(128, round(config.n_positions * new_hidden / hidden))
+    share = vocabulary_share(config)
+    a, b = _vocabulary_line(config, overrides)
+    vocab = max(256, round(share * a / (b * (1 - share)) / 8) * 8)
+    overrides["vocab_size"] = vocab
+    scaled = _with(config, overrides)
+    scaled._name_or_path = f"{getattr(config, '_name_or_path', '') or config.model_type}-scaled"
+    return scaled
