@@ -15,6 +15,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 from helpers.checkpoints import architecture_checkpoint, make_checkpoint
 from helpers.models import OTHER_ARCHITECTURES, load_config
@@ -28,11 +29,14 @@ ISSUE_QWEN2 = dict(num_hidden_layers=8, hidden_size=512, intermediate_size=1376,
 
 
 def run_notebook(name: str, env: dict[str, str]) -> nbformat.NotebookNode:
-    """Execute notebooks/`name` with extra environment variables; return it with its outputs (errors included)."""
+    """Execute notebooks/`name` as Run All does (it stops at the first error) with extra environment variables;
+    return it with the outputs of the cells that ran."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", allow_errors=True,
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
-    client.execute(env={**os.environ, **env})
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}})
+    try:
+        client.execute(env={**os.environ, **env})
+    except CellExecutionError:
+        pass  # the error is in the failing cell's outputs, which the tests read
     return nb
 
 
@@ -70,7 +74,7 @@ def test_notebook_runs_on_the_architecture(architecture, notebook):
 def test_issue_tied_qwen2_runs_05_to_the_end():
     config = load_config("qwen2.5-0.5b", **ISSUE_QWEN2)
     config._name_or_path = "issue-17-qwen2"
-    checkpoint = make_checkpoint(config, max_shard_size=26 * 2**20)
+    checkpoint = make_checkpoint(config, max_shard_size="20MB")
     assert len(checkpoint.shards) == 6 and round(checkpoint.total_size / 2**20) == 147
     nb = run_notebook("05_dispatch.ipynb", {"BIGMODEL_CHECKPOINT": str(checkpoint.folder)})
     assert not errors_of(nb), errors_of(nb)[:5]
