@@ -19,6 +19,7 @@ from nbclient.exceptions import CellExecutionError
 
 from helpers.checkpoints import architecture_checkpoint, make_checkpoint
 from helpers.models import OTHER_ARCHITECTURES, load_config
+from helpers.paths import CACHE_ENV, cache_dir
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 OWN_MODEL_NOTEBOOKS = ("05_dispatch.ipynb", "07_from_pretrained_and_the_hub.ipynb", "09_capstone_70b_on_a100.ipynb")
@@ -28,9 +29,16 @@ ISSUE_QWEN2 = dict(num_hidden_layers=8, hidden_size=512, intermediate_size=1376,
                    num_key_value_heads=2, vocab_size=32000, bos_token_id=1, eos_token_id=2)
 
 
-def run_notebook(name: str, env: dict[str, str]) -> nbformat.NotebookNode:
+def run_notebook(name: str, env: dict[str, str], cache: Path) -> nbformat.NotebookNode:
     """Execute notebooks/`name` as Run All does (it stops at the first error) with extra environment variables;
-    return it with the outputs of the cells that ran."""
+    return it with the outputs of the cells that ran.
+
+    The run gets a cache of its own (`cache`, with the suite's checkpoints linked in), so that its offload folders
+    never meet those of a run beside it (pytest-xdist runs tests, and nbmake the default notebooks, side by side).
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "checkpoints").symlink_to(cache_dir("checkpoints"), target_is_directory=True)
+    env = {**env, CACHE_ENV: str(cache)}
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}})
     try:
@@ -64,19 +72,19 @@ def assert_finished_or_stopped_clearly(nb: nbformat.NotebookNode) -> None:
 
 @pytest.mark.parametrize("notebook", OWN_MODEL_NOTEBOOKS)
 @pytest.mark.parametrize("architecture", OTHER_ARCHITECTURES)
-def test_notebook_runs_on_the_architecture(architecture, notebook):
+def test_notebook_runs_on_the_architecture(architecture, notebook, tmp_path):
     checkpoint = architecture_checkpoint(architecture)
-    nb = run_notebook(notebook, {"BIGMODEL_CHECKPOINT": str(checkpoint.folder)})
+    nb = run_notebook(notebook, {"BIGMODEL_CHECKPOINT": str(checkpoint.folder)}, tmp_path / "cache")
     assert not errors_of(nb), errors_of(nb)[:5]
     assert str(checkpoint.folder) in text_of(nb) or checkpoint.folder.name in text_of(nb)
 
 
-def test_issue_tied_qwen2_runs_05_to_the_end():
+def test_issue_tied_qwen2_runs_05_to_the_end(tmp_path):
     config = load_config("qwen2.5-0.5b", **ISSUE_QWEN2)
     config._name_or_path = "issue-17-qwen2"
     checkpoint = make_checkpoint(config, max_shard_size="20MB")
     assert len(checkpoint.shards) == 6 and round(checkpoint.total_size / 2**20) == 147
-    nb = run_notebook("05_dispatch.ipynb", {"BIGMODEL_CHECKPOINT": str(checkpoint.folder)})
+    nb = run_notebook("05_dispatch.ipynb", {"BIGMODEL_CHECKPOINT": str(checkpoint.folder)}, tmp_path / "cache")
     assert not errors_of(nb), errors_of(nb)[:5]
     assert "raised from the virtual A100" in text_of(nb)
 
@@ -87,7 +95,7 @@ def test_a_cached_hub_id_runs_offline(tmp_path):
     checkpoint = architecture_checkpoint("qwen2.5-0.5b")
     publish_to_local_cache(checkpoint.folder, "someone/scaled-qwen", cache_dir=tmp_path / "hub", link=True)
     nb = run_notebook("05_dispatch.ipynb", {"BIGMODEL_CHECKPOINT": "someone/scaled-qwen", "HF_HUB_OFFLINE": "1",
-                                            "HF_HUB_CACHE": str(tmp_path / "hub")})
+                                            "HF_HUB_CACHE": str(tmp_path / "hub")}, tmp_path / "cache")
     assert not errors_of(nb), errors_of(nb)[:5]
     assert "your hub cache (offline)" in text_of(nb)
 
@@ -95,7 +103,7 @@ def test_a_cached_hub_id_runs_offline(tmp_path):
 @pytest.mark.parametrize("notebook", OWN_MODEL_NOTEBOOKS)
 def test_an_uncached_hub_id_offline_says_so_without_a_traceback(tmp_path, notebook):
     nb = run_notebook(notebook, {"BIGMODEL_CHECKPOINT": "someone/not-downloaded", "HF_HUB_OFFLINE": "1",
-                                 "HF_HUB_CACHE": str(tmp_path / "empty-hub")})
+                                 "HF_HUB_CACHE": str(tmp_path / "empty-hub")}, tmp_path / "cache")
     errors = errors_of(nb)
     assert len(errors) == 1 and errors[0][1] == "CannotTeach", errors
     assert "is not in your hub cache" in errors[0][2] and "hf download someone/not-downloaded" in errors[0][2]

@@ -1,0 +1,114 @@
+"""helpers.layout, helpers.models.scaled_config and helpers.own_model on the committed architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoModelForCausalLM
+
+from helpers.device_maps import block_names, device_of, plan_device_map
+from helpers.layout import LayoutError, layout_of
+from helpers.models import (
+    OTHER_ARCHITECTURES,
+    count_parameters,
+    load_config,
+    meta_model,
+    scaled_config,
+    vocabulary_share,
+)
+from helpers.own_model import CannotTeach, lesson_budget, minimum_budget, resolve_checkpoint
+
+#: Published parameter counts (model cards), which the committed configs must reproduce on meta.
+PUBLISHED_PARAMETERS = {"llama-3.2-1b": 1_235_814_400, "llama-3-8b": 8_030_261_248, "qwen2.5-0.5b": 494_032_768,
+                        "qwen2.5-1.5b": 1_543_714_304, "mistral-7b": 7_241_732_096, "phi-3-mini": 3_821_079_552,
+                        "gemma-2-2b": 2_614_341_888, "gpt2": 124_439_808}
+TIED = {"llama-3.2-1b", "qwen2.5-0.5b", "qwen2.5-1.5b", "gemma-2-2b", "gpt2"}
+
+
+def skeleton(config) -> torch.nn.Module:
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()
+    return model
+
+
+@pytest.mark.parametrize("name", OTHER_ARCHITECTURES)
+def test_committed_configs_have_the_published_size(name):
+    assert count_parameters(meta_model(load_config(name))) == PUBLISHED_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", OTHER_ARCHITECTURES)
+def test_layout_is_read_from_the_model(name):
+    model = skeleton(load_config(name))
+    layout = layout_of(model)
+    assert layout.block_class in model._no_split_modules
+    assert layout.num_blocks == model.config.num_hidden_layers
+    assert model.get_submodule(layout.embedding) is model.get_input_embeddings()
+    assert model.get_submodule(layout.head) is model.get_output_embeddings()
+    assert layout.tied == (name in TIED)
+    assert layout.block_index(layout.block(3) + ".mlp") == 3 and layout.block_index(layout.embedding) is None
+    assert block_names(model) == [layout.block(i) for i in range(layout.num_blocks)]
+    if name == "gpt2":
+        assert (layout.embedding, layout.blocks) == ("transformer.wte", "transformer.h")
+
+
+def test_layout_needs_no_split_modules():
+    class Plain(torch.nn.Module):
+        _no_split_modules = None
+
+    with pytest.raises(LayoutError, match="_no_split_modules"):
+        layout_of(Plain())
+
+
+@pytest.mark.parametrize("name", OTHER_ARCHITECTURES)
+def test_scaled_config_keeps_the_proportions(name):
+    real, small = load_config(name), scaled_config(name)
+    assert type(small) is type(real) and small.num_hidden_layers == min(8, real.num_hidden_layers)
+    assert abs(vocabulary_share(small) - vocabulary_share(real)) < 0.01
+    real_groups = real.num_attention_heads // (getattr(real, "num_key_value_heads", None) or real.num_attention_heads)
+    small_groups = small.num_attention_heads // (getattr(small, "num_key_value_heads", None)
+                                                 or small.num_attention_heads)
+    assert small_groups == real_groups
+    assert layout_of(skeleton(small)).tied == layout_of(skeleton(real)).tied
+    assert count_parameters(meta_model(small)) * 4 < 32 * 2**20  # laptop scale
+
+
+@pytest.mark.parametrize("name", OTHER_ARCHITECTURES)
+def test_lesson_budget_puts_one_block_in_the_fast_tier_and_offloads(name):
+    model = skeleton(scaled_config(name))
+    total = count_parameters(model) * 4
+    budget = lesson_budget(model, total * 10 // 34)
+    assert budget.bytes == max(budget.ratio_bytes, budget.minimum_bytes)
+    plan = plan_device_map(model, {"cpu": budget.bytes}, "auto", list(model._no_split_modules))
+    assert device_of(block_names(model)[0], plan) == "cpu" and "disk" in plan.values()
+    below = plan_device_map(model, {"cpu": budget.minimum_bytes - 1024}, "sequential",
+                            list(model._no_split_modules))
+    assert device_of(block_names(model)[0], below) != "cpu"  # the minimum is the least, to 1 KiB
+    assert ("raised from" in repr(budget)) == budget.raised
+
+
+def test_a_model_too_small_to_offload_cannot_be_taught():
+    model = skeleton(scaled_config("gpt2", num_hidden_layers=1))
+    with pytest.raises(CannotTeach, match="nothing would be offloaded"):
+        lesson_budget(model, 1)
+    assert minimum_budget(model) > 0
+
+
+def test_resolve_checkpoint(tmp_path, monkeypatch):
+    assert resolve_checkpoint("").folder is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CannotTeach, match="without config.json"):
+        resolve_checkpoint(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(CannotTeach, match="no \\*.safetensors"):
+        resolve_checkpoint(str(tmp_path / "empty"))
+    with pytest.raises(CannotTeach, match="neither a folder"):
+        resolve_checkpoint("not/a/hub/id")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CannotTeach, match="is not in your hub cache") as caught:
+        resolve_checkpoint("someone/absent")
+    assert caught.value._render_traceback_() == [f"\033[1;31mCannotTeach:\033[0m {caught.value}"]
