@@ -88,6 +88,10 @@ def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype: str | torch.dty
 
     With grouped-query attention (Llama-2-70B: 8 KV heads for 64 query heads) the cache is
     num_attention_heads / num_key_value_heads times smaller than with full multi-head attention.
+    head_dim is the config's own where it declares one (Gemma-2: 256, not hidden 2304 / 8 heads). Layers with a
+    sliding window (Mistral-7B's and Phi-3-mini's configs declare one, Gemma-2 every other layer) keep at most the
+    window's last tokens in transformers' cache (transformers/cache_utils.py, DynamicSlidingWindowLayer), so for a
+    request longer than the window this counts more than the cache holds: an upper estimate.
     """
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -104,21 +108,37 @@ def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype: str | torch.dty
 EAGER_SCORE_MATRICES: dict[str, float] = {"float32": 2, "float16": 5, "bfloat16": 5}
 
 
+def intermediate_size(config) -> int:
+    """The width of a decoder block's MLP, read from any config: `intermediate_size` (Llama, Mistral, Qwen2, Phi-3,
+    Gemma-2), OPT's `ffn_dim`, Falcon's `ffn_hidden_size`, or GPT-2's `n_inner`, where None means 4 x the hidden size
+    (transformers/models/gpt2/modeling_gpt2.py, GPT2Block: `config.n_inner if config.n_inner is not None else
+    4 * hidden_size`)."""
+    for name in ("intermediate_size", "ffn_dim", "ffn_hidden_size"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    if hasattr(config, "n_inner"):
+        return int(config.n_inner or 4 * config.hidden_size)
+    raise ValueError(f"{type(config).__name__} names no MLP width (intermediate_size, ffn_dim, ffn_hidden_size or "
+                     "n_inner): the activation estimate needs it")
+
+
 def activation_bytes(config, batch_size: int, seq_len: int, dtype: str | torch.dtype = "float16") -> int:
     """Peak bytes of live activations in one decoder layer during a prefill of `seq_len` tokens.
 
     Inference keeps no activations for backward, so only one layer's working set is alive at a
     time. Its largest terms: the residual stream and the MLP's gate, up and product tensors
-    (batch x tokens x (2 hidden + 3 intermediate)), plus EAGER_SCORE_MATRICES[dtype] score matrices
-    of batch x heads x tokens x tokens in `dtype`: what transformers' eager attention holds at its
-    peak (2 in float32; 5 in float16/bfloat16, whose softmax runs in float32), as measured by
-    measure_eager_attention. For eager attention it is the largest count measured per dtype (CPU and
-    H200), so a device with other softmax kernels could hold more; fused attention (SDPA, flash)
-    never materialises the scores, so for those it is an upper estimate.
+    (batch x tokens x (2 hidden + 3 intermediate), the MLP width read by `intermediate_size`, so any
+    family plans), plus EAGER_SCORE_MATRICES[dtype] score matrices of batch x heads x tokens x tokens
+    in `dtype`: what transformers' eager attention holds at its peak (2 in float32; 5 in
+    float16/bfloat16, whose softmax runs in float32), as measured by measure_eager_attention. For
+    eager attention it is the largest count measured per dtype (CPU and H200), so a device with other
+    softmax kernels could hold more; fused attention (SDPA, flash) never materialises the scores, so
+    for those it is an upper estimate.
     """
     name = dtype_name(dtype)
     b = bytes_per_param(name)
-    hidden, inter = config.hidden_size, config.intermediate_size
+    hidden, inter = config.hidden_size, intermediate_size(config)
     stream = batch_size * seq_len * (2 * hidden + 3 * inter) * b
     scores = EAGER_SCORE_MATRICES[name] * batch_size * config.num_attention_heads * seq_len * seq_len * b
     return int(stream + scores)

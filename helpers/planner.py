@@ -18,6 +18,12 @@ from .device_maps import DeviceMapSummary, plan_device_map, summarize_device_map
 from .memory import GPU, activation_bytes, compute_dtype, format_bytes, kv_cache_bytes
 from .models import meta_model
 
+
+def _gb(n: float) -> str:
+    """Bytes in decimal GB, or in MB below 0.01 GB (a small model's layers would all read 0.00 GB)."""
+    return format_bytes(n, "MB" if 0 < abs(n) < 10**7 else "GB")
+
+
 #: PCIe x16 payload rate per direction on paper, by generation (GB/s): each generation doubles the last.
 PCIE_GB_PER_S = {3: 16.0, 4: 32.0, 5: 64.0}
 
@@ -130,10 +136,15 @@ class InferencePlan:
         return self.summary.bytes_on(device)
 
     @property
+    def fits_on_gpu(self) -> bool:
+        """Every weight on the GPU: nothing in CPU RAM or on disk, so nothing crosses PCIe per token."""
+        return self.bytes_on("cpu") == 0 and self.bytes_on("disk") == 0
+
+    @property
     def verdict(self) -> str:
         n = self.summary.num_layers
         layers = {d: self.summary.layers_on(d) for d in (0, "cpu", "disk")}
-        if layers["cpu"] == 0 and layers["disk"] == 0:
+        if self.fits_on_gpu:
             where = f"all {n} decoder layers on the GPU: no offloading"
         else:
             where = (f"{layers[0]} of {n} decoder layers on the GPU, {layers['cpu']} in CPU RAM, "
@@ -144,7 +155,7 @@ class InferencePlan:
 
     def __repr__(self) -> str:
         def row(label: str, n: int) -> str:
-            return f"  {label:<34}{format_bytes(n, 'GB'):>12}"
+            return f"  {label:<34}{_gb(n):>12}"
 
         return "\n".join([
             f"InferencePlan({self.model_name} in {self.dtype} on {self.gpu.name}, prompt {self.prompt_tokens:,} "
@@ -155,8 +166,8 @@ class InferencePlan:
             row("- activations (prefill)", self.activation_bytes),
             row("= GPU budget for weights", self.gpu_weight_budget),
             row("CPU RAM budget for weights", self.cpu_weight_budget),
-            f"  placed: GPU {format_bytes(self.bytes_on(0), 'GB')}, CPU {format_bytes(self.bytes_on('cpu'), 'GB')}, "
-            f"disk {format_bytes(self.bytes_on('disk'), 'GB')}",
+            f"  placed: GPU {_gb(self.bytes_on(0))}, CPU {_gb(self.bytes_on('cpu'))}, "
+            f"disk {_gb(self.bytes_on('disk'))}",
             f"  {self.speed!r}",
             f"  {self.verdict})"])
 
@@ -266,7 +277,7 @@ class ReserveTable:
         links = self.rows[0].plan.links
         out = []
         for row in self.rows:
-            out.append([row.name, row.adds, format_bytes(row.room_for_weights, "GB"), row.gpu_layers,
+            out.append([row.name, row.adds, _gb(row.room_for_weights), row.gpu_layers,
                         row.offloaded_layers, f"{row.offloaded_bytes / 1e9:.2f}",
                         f"{row.offloaded_bytes / links.pinned_h2d:.2f}",
                         f"{row.offloaded_bytes / links.pageable_h2d:.2f}"])
@@ -274,7 +285,7 @@ class ReserveTable:
 
     def __repr__(self) -> str:
         lines = [f"ReserveTable({self.rows[0].plan.model_name} in {self.rows[0].plan.dtype} on "
-                 f"{self.rows[0].plan.gpu.name}; largest layer {format_bytes(self.largest_layer, 'GB')}"]
+                 f"{self.rows[0].plan.gpu.name}; largest layer {_gb(self.largest_layer)}"]
         for cells in self.table_rows():
             lines.append(f"  {cells[0]:<44} GPU layers {cells[3]:>3}, offloaded {cells[5]:>7} GB: "
                          f"{cells[6]} s/token pinned, {cells[7]} s/token pageable")
@@ -305,13 +316,13 @@ def reserve_table(config, gpu: GPU, ram_bytes: int, links: Links, *, dtype: torc
     specs = [
         (RESERVE_ROWS[0], "nothing: the whole card holds weights",
          dict(prompt_tokens=0, new_tokens=0, runtime_bytes=0, largest_layer_reserve=False)),
-        (RESERVE_ROWS[1], f"one decoder layer ({format_bytes(largest, 'GB')})",
+        (RESERVE_ROWS[1], f"one decoder layer ({_gb(largest)})",
          dict(prompt_tokens=0, new_tokens=0, runtime_bytes=0)),
-        (RESERVE_ROWS[2], f"+ KV cache of {short_prompt:,} + {new_tokens:,} tokens ({format_bytes(short_kv, 'GB')}), "
-                          f"activations of a {short_prompt:,}-token prefill ({format_bytes(short_act, 'GB')})",
+        (RESERVE_ROWS[2], f"+ KV cache of {short_prompt:,} + {new_tokens:,} tokens ({_gb(short_kv)}), "
+                          f"activations of a {short_prompt:,}-token prefill ({_gb(short_act)})",
          dict(prompt_tokens=short_prompt, new_tokens=new_tokens, runtime_bytes=0)),
-        (RESERVE_ROWS[3], f"the same for {prompt_tokens:,} + {new_tokens:,} tokens ({format_bytes(long_kv, 'GB')}, "
-                          f"{format_bytes(long_act, 'GB')}), + runtime ({format_bytes(runtime_bytes, 'GB')})",
+        (RESERVE_ROWS[3], f"the same for {prompt_tokens:,} + {new_tokens:,} tokens ({_gb(long_kv)}, "
+                          f"{_gb(long_act)}), + runtime ({_gb(runtime_bytes)})",
          dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runtime_bytes=runtime_bytes)),
     ]
     rows = tuple(ReserveRow(name, adds, plan_inference(config, gpu, ram_bytes, links, **common, **options), largest)

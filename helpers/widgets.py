@@ -14,6 +14,11 @@ from .models import count_parameters, load_config, meta_model
 #: The three Llama-2 sizes, by display name and committed config name.
 LLAMA2 = {"Llama-2-7B": "llama-2-7b", "Llama-2-13B": "llama-2-13b", "Llama-2-70B": "llama-2-70b"}
 CUSTOM = "custom"
+#: The other committed architectures (helpers.models.OTHER_ARCHITECTURES, every one: a test holds it), by the
+#: names their publishers use.
+ARCHITECTURES = {"Llama-3.2-1B": "llama-3.2-1b", "Llama-3-8B": "llama-3-8b", "Qwen2.5-0.5B": "qwen2.5-0.5b",
+                 "Qwen2.5-1.5B": "qwen2.5-1.5b", "Mistral-7B": "mistral-7b", "Phi-3-mini": "phi-3-mini",
+                 "Gemma-2-2B": "gemma-2-2b", "GPT-2": "gpt2"}
 
 #: The `description` of every control of the memory calculator: stable, so a browser test can find them.
 DESCRIPTIONS = {"model": "Model", "custom_params": "Params (billions)", "dtype": "Dtype", "gpu": "GPU",
@@ -218,19 +223,21 @@ def plan_html(plan: InferencePlan) -> str:
 
 
 class InferencePlanner(widgets.VBox):
-    """Model (or a pasted config.json), GPU, dtype, RAM, PCIe and prompt in; the device map and speed out."""
+    """Model (Llama-2, another committed architecture, or a pasted config.json), GPU, dtype, RAM, PCIe and prompt
+    in; the device map and speed out."""
 
     def __init__(self, links: Links, *, base_pcie: int, gpus: tuple[GPU, ...] = COMMON_GPUS,
-                 device_memory: dict[str, float] | None = None) -> None:
+                 device_memory: dict[str, float] | None = None, config_text: str | None = None) -> None:
+        """`config_text`: the config.json the form offers to paste-plan (default: Llama-2-13B's, as an example)."""
         self.links, self.base_pcie, self.gpus = links, base_pcie, gpus
         self.device_memory = device_memory or {}
         self._skeletons: dict = {}
         style = {"description_width": "130px"}
         layout = widgets.Layout(width="480px")
         names = [g.name for g in gpus]
-        self.model = widgets.Dropdown(options=[*LLAMA2, PASTED], value="Llama-2-70B",
+        self.model = widgets.Dropdown(options=[*LLAMA2, *ARCHITECTURES, PASTED], value="Llama-2-70B",
                                       description=PLANNER_DESCRIPTIONS["model"], style=style, layout=layout)
-        self.config = widgets.Textarea(value=load_config("llama-2-13b").to_json_string(), disabled=True,
+        self.config = widgets.Textarea(value=config_text or load_config("llama-2-13b").to_json_string(), disabled=True,
                                        description=PLANNER_DESCRIPTIONS["config"], style=style,
                                        layout=widgets.Layout(width="480px", height="90px"))
         self.gpu = widgets.Dropdown(options=names, value="A100 80 GB" if "A100 80 GB" in names else names[-1],
@@ -268,7 +275,8 @@ class InferencePlanner(widgets.VBox):
                                      self.device_memory.get(gpu.name, self.links.device_memory),
                                      f"{self.links.source}, PCIe scaled to generation {self.pcie.value}")
         try:
-            config = config_from_json(self.config.value) if pasted else load_config(LLAMA2[self.model.value])
+            config = (config_from_json(self.config.value) if pasted
+                      else load_config({**LLAMA2, **ARCHITECTURES}[self.model.value]))
             dtype = _DTYPES[self.dtype.value]
             self.plan = plan_inference(config, gpu, self.ram.value * 10**9, links, dtype=dtype,
                                        prompt_tokens=self.prompt.value, model=self._skeleton(config, dtype))

@@ -23,6 +23,7 @@ from helpers.memory import (
     fit_report,
     format_bytes,
     gpu_by_name,
+    intermediate_size,
     kv_cache_bytes,
     measure_eager_attention,
     weights_bytes,
@@ -180,6 +181,45 @@ def test_activation_bytes_terms(config_70b):
     assert activation_bytes(config_70b, b, t) == stream + scores
     assert activation_bytes(config_70b, b, t, "float32") == (stream + 2 * b * 64 * t * t * 2) * 2
     assert activation_bytes(config_70b, 1, 0) == 0
+
+
+def test_intermediate_size_is_read_from_any_family():
+    assert intermediate_size(load_config("llama-2-70b")) == 28672
+    assert intermediate_size(load_config("phi-3-mini")) == 8192  # fused gate_up_proj: the width is still 8192
+    assert intermediate_size(load_config("gpt2")) == 4 * 768  # n_inner is None: GPT2Block uses 4 x hidden
+    assert intermediate_size(load_config("gpt2", n_inner=1000)) == 1000
+    with pytest.raises(ValueError, match="names no MLP width"):
+        intermediate_size(object())
+
+
+def test_activation_bytes_for_gpt2_uses_four_times_the_hidden_size():
+    gpt2 = load_config("gpt2")
+    b, t = 1, 100
+    stream = b * t * (2 * 768 + 3 * 4 * 768) * 2
+    scores = 5 * b * 12 * t * t * 2
+    assert activation_bytes(gpt2, b, t) == stream + scores
+
+
+def test_kv_cache_uses_an_explicit_head_dim():
+    gemma = load_config("gemma-2-2b")
+    assert gemma.head_dim == 256 != gemma.hidden_size // gemma.num_attention_heads  # 256, not 2304 / 8 = 288
+    assert kv_cache_bytes(gemma, 1, 1) == 2 * 26 * 4 * 256 * 2
+
+
+def test_kv_cache_formula_matches_a_real_gemma2_cache():
+    """Gemma-2 at toy size with head_dim 32 != hidden 64 / 4 heads: the formula counts what the cache holds
+    (fewer tokens than its sliding window, so every layer keeps them all)."""
+    config = load_config("gemma-2-2b", hidden_size=64, head_dim=32, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, num_hidden_layers=2, vocab_size=256, query_pre_attn_scalar=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    batch, tokens = 2, 13
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(0, 256, (batch, tokens)), use_cache=True)
+    layers = out.past_key_values.layers
+    assert tuple(layers[0].keys.shape) == (batch, 2, tokens, 32)
+    measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
+    assert measured == kv_cache_bytes(config, batch, tokens, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])

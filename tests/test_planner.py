@@ -145,3 +145,83 @@ def test_int8_weights_keep_their_kv_cache_in_float16():
     assert plan.kv_cache_bytes == kv_cache_bytes(config, 1, 4352, "float16")
     assert plan.summary.total_bytes < 0.51 * plan_inference(config, gpu_by_name("A100 80 GB"), 128 * 10**9,
                                                             LINKS).summary.total_bytes
+
+
+# --- every committed architecture (helpers.models.OTHER_ARCHITECTURES), at full scale on meta ----------------------
+
+@pytest.fixture(scope="module")
+def architectures():
+    """(config, float16 meta skeleton, layout) of each committed architecture at full scale, built once."""
+    from helpers.layout import layout_of
+    from helpers.models import OTHER_ARCHITECTURES, meta_model
+
+    built = {}
+    for name in OTHER_ARCHITECTURES:
+        config = load_config(name)
+        model = meta_model(config, torch.float16)
+        built[name] = (config, model, layout_of(model))
+    return built
+
+
+def _architecture_names():
+    from helpers.models import OTHER_ARCHITECTURES
+
+    return OTHER_ARCHITECTURES
+
+
+@pytest.mark.parametrize("name", _architecture_names())
+def test_every_architecture_plans_on_an_a100(architectures, name):
+    config, model, layout = architectures[name]
+    plan = plan_inference(config, gpu_by_name("A100 80 GB"), 128 * 10**9, LINKS, model=model)
+    assert plan.summary.num_layers == layout.num_blocks  # the blocks were found by the layout, not Llama's names
+    assert 0 <= plan.summary.layers_on(0) <= layout.num_blocks and not plan.summary.split_layers
+    assert plan.fits_on_gpu  # every committed architecture fits an A100-80GB whole (notebook 09 section 6)
+    assert "no offloading" in plan.verdict and plan.speed.bound_seconds == plan.speed.resident_seconds
+
+
+@pytest.mark.parametrize("name", _architecture_names())
+def test_every_architecture_offloads_whole_blocks_on_a_small_card(architectures, name):
+    """A card half the size of the float16 weights: some blocks on the GPU, the rest in RAM, none split."""
+    from accelerate.utils import compute_module_sizes
+
+    config, model, layout = architectures[name]
+    half = compute_module_sizes(model, dtype=torch.float16)[""] / 2
+    plan = plan_inference(config, GPU("half", half / 1e9), 64 * 10**9, LINKS, prompt_tokens=128, new_tokens=0,
+                          runtime_bytes=0, model=model)
+    on_gpu, on_cpu = plan.summary.layers_on(0), plan.summary.layers_on("cpu")
+    assert 0 < on_gpu < layout.num_blocks and on_gpu + on_cpu == layout.num_blocks and not plan.summary.split_layers
+    assert plan.bytes_on(0) <= plan.gpu_weight_budget and not plan.fits_on_gpu
+    assert f"{on_gpu} of {layout.num_blocks} decoder layers on the GPU" in plan.verdict
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gemma-2-2b", "phi-3-mini", "qwen2.5-0.5b"])
+def test_reserve_table_answers_with_plan_inference_for_other_families(architectures, name):
+    from helpers.planner import reserve_table
+
+    config, model, _ = architectures[name]
+    a100 = gpu_by_name("A100 80 GB")
+    table = reserve_table(config, a100, 128 * 10**9, LINKS, model=model)
+    assert table.answer.plan.device_map == plan_inference(config, a100, 128 * 10**9, LINKS, model=model).device_map
+    assert [row.gpu_layers for row in table.rows] == [table.answer.plan.summary.num_layers] * 4  # all fit
+    assert "0.00 GB" not in table.rows[1].adds  # a small model's layer shows in MB, not as zero
+
+
+def test_planner_form_lists_and_plans_every_committed_architecture():
+    from helpers.models import OTHER_ARCHITECTURES
+    from helpers.widgets import ARCHITECTURES, LLAMA2, PASTED
+
+    assert sorted(ARCHITECTURES.values()) == sorted(OTHER_ARCHITECTURES)
+    planner = InferencePlanner(LINKS, base_pcie=5, device_memory=DATASHEET_MEMORY_BANDWIDTH)
+    assert planner.model.value == "Llama-2-70B" and list(planner.model.options) == [*LLAMA2, *ARCHITECTURES, PASTED]
+    for label in ARCHITECTURES:
+        planner.model.value = label
+        assert planner.plan is not None, planner.result.value
+        assert planner.plan.model_name == ARCHITECTURES[label] and "no offloading" in planner.result.value
+
+
+def test_planner_form_offers_a_given_config_to_paste():
+    gpt2 = load_config("gpt2")
+    planner = InferencePlanner(LINKS, base_pcie=5, config_text=gpt2.to_json_string())
+    assert planner.model.value == "Llama-2-70B"  # the default stays
+    planner.model.value = "config.json (pasted below)"
+    assert planner.plan is not None and planner.plan.summary.num_layers == 12
