@@ -1,0 +1,289 @@
+"""Quantised weights as bitsandbytes and torchao store them: the bytes predicted from shapes, and measured.
+
+The arithmetic of notebook 01 (`helpers.memory.BYTES_PER_PARAM`: int8 = 1 byte, int4 = 0.5 byte for every
+parameter) is the first answer. The libraries store more and less than that:
+
+- only `nn.Linear` layers are quantised, and not the output head: transformers 5.24,
+  `integrations/bitsandbytes.py::replace_with_bnb_linear` converts `type(module) is nn.Linear` (and Conv1D)
+  unless `quantizers/base.py::get_keys_to_not_convert` names it (tied weights, the last parameter, the output
+  embeddings). Embeddings and norms are not Linear: they stay in the float dtype of the load;
+- LLM.int8 (bitsandbytes 0.50.2, `nn/modules.py::Int8Params._quantize` calls
+  `functional.int8_vectorwise_quant`): 1 byte per weight + one float32 scale per output row (`SCB`);
+- NF4 (`functional.quantize_4bit`, blocksize 64 by default in `nn/modules.py::Params4bit.__new__`): 4 bits per
+  weight + one float32 absmax per block of 64 weights + the 16-value NF4 code (float32);
+- NF4 with double quantisation (`compress_statistics=True` in `quantize_4bit`): the absmax values, less their
+  mean (`offset`, one float32), are quantised again by `quantize_blockwise(..., blocksize=256)`: 1 byte per
+  block + one float32 absmax per 256 blocks + that quantiser's 256-value code (float32);
+- torchao 0.18 int8 weight-only (`Int8WeightOnlyConfig` -> `torchao.quantization.Int8Tensor`): int8 `qdata`,
+  one float32 `scale` per output row (`Int8Tensor.from_hp`: `scale_dtype=torch.float32`) and one int8
+  `zero_point` per row.
+
+`predict_footprint` does this arithmetic on a model's shapes (a meta model is enough); `measure_footprint`
+adds up the bytes of the tensors a loaded model really holds, including the scales that
+`PreTrainedModel.get_memory_footprint` does not see (it counts parameters and buffers only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from helpers.memory import GPU, FitReport, fit_report, format_bytes
+
+#: The formats this module knows, and what each stores for one quantised Linear weight.
+FORMATS: dict[str, str] = {
+    "float32": "4 bytes per weight",
+    "float16": "2 bytes per weight",
+    "int8": "bitsandbytes LLM.int8: 1 byte per weight + a float32 scale (SCB) per output row",
+    "nf4": "bitsandbytes NF4: 0.5 byte per weight + a float32 absmax per 64 weights + 16-value code",
+    "nf4-dq": "bitsandbytes NF4, double quantisation: 0.5 byte per weight + a 1-byte absmax per 64 weights"
+              " + a float32 per 256 blocks + offset + codes",
+    "torchao-int8": "torchao int8 weight-only: 1 byte per weight + a float32 scale + an int8 zero point per row",
+}
+NF4_BLOCKSIZE = 64  # bitsandbytes nn/modules.py Params4bit.__new__: blocksize None -> 64
+NESTED_BLOCKSIZE = 256  # bitsandbytes functional.py quantize_4bit: quantize_blockwise(absmax - offset, blocksize=256)
+NF4_CODE_VALUES = 16  # the NF4 lookup table kept in QuantState.code (float32)
+DYNAMIC_CODE_VALUES = 256  # the 8-bit dynamic map of quantize_blockwise, kept in state2.code (float32)
+FLOAT_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
+def _format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
+    return fmt
+
+
+def linear_weight_bytes(out_features: int, in_features: int, fmt: str) -> tuple[int, int]:
+    """(weight bytes, scale bytes) one Linear weight of this shape takes in `fmt` (bias not included)."""
+    n = out_features * in_features
+    fmt = _format(fmt)
+    if fmt in ("float32", "float16"):
+        return n * (4 if fmt == "float32" else 2), 0
+    if fmt == "int8":
+        return n, 4 * out_features  # CB int8 [out, in], SCB float32 [out]
+    if fmt == "torchao-int8":
+        return n, out_features * (4 + 1)  # qdata int8 [out, in], scale float32 [out, 1], zero_point int8 [out, 1]
+    blocks = math.ceil(n / NF4_BLOCKSIZE)
+    packed = math.ceil(n / 2)  # two 4-bit values per uint8
+    if fmt == "nf4":
+        return packed, 4 * blocks + 4 * NF4_CODE_VALUES
+    # nf4-dq: 1-byte absmax per block, float32 absmax per 256 blocks, 256-value code, float32 offset, NF4 code
+    return packed, blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 4 * DYNAMIC_CODE_VALUES + 4 + 4 * NF4_CODE_VALUES
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes of a model in one format: quantised weights, their scales, and everything left in float."""
+
+    format: str
+    quantized_weights: int  # the int8 / packed 4-bit data of the quantised Linear layers (0 for float formats)
+    scales: int  # SCB, absmax, codes, offsets, zero points
+    unquantized: int  # parameters left in float (embeddings, norms, the head; all of them for float formats)
+    buffers: int  # e.g. the rotary inv_freq
+
+    @property
+    def total(self) -> int:
+        return self.quantized_weights + self.scales + self.unquantized + self.buffers
+
+    def __repr__(self) -> str:
+        return (f"Footprint({self.format}: total {format_bytes(self.total, 'MiB')} = quantised "
+                f"{format_bytes(self.quantized_weights, 'MiB')} + scales {format_bytes(self.scales, 'MiB')} "
+                f"+ float {format_bytes(self.unquantized, 'MiB')} + buffers {self.buffers:,} B)")
+
+
+def quantized_linear_names(model: torch.nn.Module) -> list[str]:
+    """The Linear layers transformers' bitsandbytes integration replaces (its own rules, called, not copied)."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = get_keys_to_not_convert(model)
+    return [name for name, module in model.named_modules()
+            if type(module) is torch.nn.Linear and should_convert_module(name, skip)]
+
+
+def predict_footprint(model: torch.nn.Module, fmt: str, dtype: torch.dtype = torch.float16) -> Footprint:
+    """The bytes `model` (any float model of the architecture, e.g. on meta) takes in `fmt`, from shapes only.
+
+    For float formats every parameter is in that format; for quantised ones, the Linear layers of
+    `quantized_linear_names` are stored as FORMATS says and every other parameter stays in `dtype`.
+    """
+    fmt = _format(fmt)
+    quantized = set(quantized_linear_names(model)) if fmt not in ("float32", "float16") else set()
+    float_bytes = FLOAT_BYTES[{"float32": torch.float32, "float16": torch.float16}.get(fmt, dtype)]
+    q = s = other = 0
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if name in quantized and pname == "weight":
+                w, sc = linear_weight_bytes(param.shape[0], param.shape[1], fmt)
+                q, s = q + w, s + sc
+            else:
+                other += param.numel() * float_bytes
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return Footprint(fmt, q, s, other, buffers)
+
+
+def _quant_state_bytes(state) -> int:
+    """Bytes of every tensor in a bitsandbytes QuantState, nested state included."""
+    if state is None:
+        return 0
+    total = 0
+    for value in vars(state).values():
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif type(value).__name__ == "QuantState":
+            total += _quant_state_bytes(value)
+    return total
+
+
+def tensor_parts(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The plain tensors inside `t`: itself, or a tensor subclass's inner tensors (torchao), by name."""
+    data = t.data if isinstance(t, torch.nn.Parameter) else t
+    if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
+        names, _ = data.__tensor_flatten__()
+        parts: dict[str, torch.Tensor] = {}
+        for n in names:
+            for k, v in tensor_parts(getattr(data, n)).items():
+                parts[n if k == "" else f"{n}.{k}"] = v
+        return parts
+    return {"": data}
+
+
+def measure_footprint(model: torch.nn.Module, fmt: str) -> Footprint:
+    """The bytes of the tensors `model` really holds: quantised data, scales (SCB, absmax, ...), floats, buffers."""
+    q = s = other = 0
+    for param in model.parameters():
+        parts = tensor_parts(param)
+        if len(parts) > 1:  # torchao: qdata is the weight, the rest are scales and zero points
+            for name, part in parts.items():
+                nbytes = part.numel() * part.element_size()
+                if name == "qdata":
+                    q += nbytes
+                else:
+                    s += nbytes
+            continue
+        nbytes = param.numel() * param.element_size()
+        if param.dtype in (torch.int8, torch.uint8):  # bitsandbytes Int8Params / Params4bit
+            q += nbytes
+            scb = getattr(param, "SCB", None)
+            s += 0 if scb is None else scb.numel() * scb.element_size()
+            s += _quant_state_bytes(getattr(param, "quant_state", None))
+        else:
+            other += nbytes
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return Footprint(fmt, q, s, other, buffers)
+
+
+def relative_difference(predicted: int, measured: int) -> float:
+    """|predicted - measured| / measured."""
+    return abs(predicted - measured) / measured
+
+
+def quantized_fit_report(model: torch.nn.Module, config, fmt: str, gpu: GPU | str, *, batch_size: int = 1,
+                         seq_len: int = 0, name: str = "custom", dtype: torch.dtype = torch.float16) -> FitReport:
+    """helpers.memory.fit_report, with the weights as the libraries store them (predict_footprint) in `fmt`.
+
+    fit_report prices every parameter at 01's bytes per parameter (int8: 1, int4: 0.5); this keeps its KV cache
+    and activation estimate (float16 for quantised weights) and replaces only the weights' bytes.
+    """
+    n_params = sum(p.numel() for p in model.parameters())
+    base = {"int8": "int8", "torchao-int8": "int8", "nf4": "int4", "nf4-dq": "int4"}.get(fmt, fmt)
+    report = fit_report(n_params, base, gpu, config=config, batch_size=batch_size, seq_len=seq_len, model=name)
+    return dataclasses.replace(report, dtype=fmt, weights_bytes=predict_footprint(model, fmt, dtype).total)
+
+
+# --- quality ---------------------------------------------------------------------------------------
+
+
+def held_out_text(training_log: str | Path) -> tuple[str, dict]:
+    """The documentation topics the tiny Llama was NOT trained on, rebuilt from its training log.
+
+    The corpus is Python's own `pydoc_data.topics`; the log records its sha256 and the held-out topic names.
+    Returns the held-out text (topics joined as the training script encodes them, one after another) and a
+    dict saying whether this Python's corpus is the one the model saw (same sha256).
+    """
+    import platform
+    import pydoc_data.topics
+
+    log = json.loads(Path(training_log).read_text())["data"]
+    topics = dict(sorted(pydoc_data.topics.topics.items()))
+    joined = "\n".join(f"{k}\n{v}" for k, v in topics.items())  # as training/train_tiny_llama.py::corpus
+    same = hashlib.sha256(joined.encode()).hexdigest() == log["sha256"]
+    names = log["held_out_topics"]
+    return "\n".join(topics[n] for n in names), {"held_out_topics": names, "same_corpus": same,
+                                                    "python": platform.python_version(), "trained_on": log["python"]}
+
+
+def encode_topics(tokenizer, texts: list[str]) -> torch.Tensor:
+    """<s> text </s> <s> text </s> ... as one stream of ids, as the training script built its validation stream."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, stream: torch.Tensor, context: int) -> float:
+    """exp(mean next-token loss) over consecutive windows of `context` tokens of `stream` (as training evaluated)."""
+    usable = stream[: (len(stream) - 1) // context * context + 1]
+    losses = []
+    for start in range(0, len(usable) - 1, context):
+        chunk = usable[start:start + context + 1][None]
+        logits = model(chunk[:, :-1]).logits.float()
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten()).item())
+    return math.exp(sum(losses) / len(losses))
+
+
+@dataclass(frozen=True)
+class LogitError:
+    """How far one format's logits are from the float32 reference."""
+
+    relative: float  # ||y - ref|| / ||ref||
+    max_abs: float
+    top1_agreement: float  # share of positions whose arg-max token is the same
+
+    def __repr__(self) -> str:
+        return (f"LogitError(relative {self.relative:.2e}, max |diff| {self.max_abs:.3f}, "
+                f"same top-1 token at {self.top1_agreement:.1%} of positions)")
+
+
+def logit_error(logits: torch.Tensor, reference: torch.Tensor) -> LogitError:
+    """Compare logits with a reference of the same shape (both cast to float32)."""
+    y, ref = logits.float(), reference.float()
+    return LogitError(relative=((y - ref).norm() / ref.norm()).item(), max_abs=(y - ref).abs().max().item(),
+                      top1_agreement=(y.argmax(-1) == ref.argmax(-1)).float().mean().item())
+
+
+# --- speed, measured on a GPU by benchmarks/quantization_speed.py ---------------------------------------------
+
+
+def load_speed_results(folder: str | Path) -> list[dict]:
+    """Every data/results/quantization-<card>.json in `folder`, sorted by file name (empty: none measured yet)."""
+    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("quantization-*.json"))]
+
+
+def plot_speed(results: list[dict]):
+    """Tokens/s per format at each batch size, one panel per card. Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 3.5), squeeze=False)
+    for ax, result in zip(axes[0], results, strict=True):
+        formats = list(dict.fromkeys(r["format"] for r in result["runs"]))
+        batches = sorted({r["batch_size"] for r in result["runs"]})
+        width = 0.8 / len(batches)
+        for i, batch in enumerate(batches):
+            rate = {r["format"]: r["tokens_per_s"] for r in result["runs"] if r["batch_size"] == batch}
+            ax.bar([j + i * width for j in range(len(formats))], [rate.get(f, 0) for f in formats], width,
+                   label=f"batch {batch}")
+        ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(formats))], formats)
+        ax.set_ylabel("tokens / s")
+        ax.set_yscale("log")
+        ax.set_title(f"{result['card']}: {result['model']}")
+        ax.legend()
+    fig.tight_layout()
+    return fig
