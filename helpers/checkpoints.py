@@ -207,6 +207,23 @@ def read_index(folder: str | Path) -> dict:
     return index
 
 
+def weight_map(folder: str | Path) -> dict[str, str]:
+    """Tensor name -> the safetensors file that holds it: the index's `weight_map` for a sharded checkpoint, or every
+    tensor of the one file of an unsharded one (`model.safetensors`, what `save_pretrained` writes below its
+    `max_shard_size`, which has no index)."""
+    folder = Path(folder)
+    if (folder / INDEX_NAME).is_file():
+        return dict(read_index(folder)["weight_map"])
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise CheckpointError(f"{folder} has no {INDEX_NAME} and {len(files)} safetensors files: an unsharded "
+                              "checkpoint has exactly one")
+    from safetensors import safe_open
+
+    with safe_open(files[0], framework="pt") as f:
+        return {name: files[0].name for name in f.keys()}
+
+
 def read_safetensors_header(path: str | Path) -> dict:
     """Read a safetensors file's JSON header (names, dtypes, shapes, byte offsets) without its data.
 
