@@ -337,3 +337,39 @@ def architecture_checkpoint(name: str, shards: int = 4, **scale) -> Checkpoint:
     config = scaled_config(name, **scale)
     total = sum(shape.numel() for _, shape in tensor_specs(config, torch.float32)) * 4
     return make_checkpoint(config, max_shard_size=total // shards + 1)
+
+
+def sharded_copy(folder: str | Path, shards: int = 4) -> Path:
+    """A sharded copy (with `model.safetensors.index.json`) of an unsharded checkpoint folder, in the suite's cache.
+
+    For notebook 07, whose sections read a sharded checkpoint's index: a small model's `save_pretrained` writes one
+    `model.safetensors` and no index. The copy is huggingface_hub's `save_torch_state_dict` (what `save_pretrained`
+    calls) with a `max_shard_size` that gives about `shards` shards, plus every other file of the folder (config,
+    tokenizer). It is keyed by the file's size and modification time, written to a temporary name and renamed, and
+    reused when present. The tensors are read from the memory-mapped file and written once: the source is untouched.
+    """
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if (folder / INDEX_NAME).is_file() or len(files) != 1:
+        raise CheckpointError(f"{folder} is not an unsharded checkpoint (one .safetensors file and no index)")
+    stat = files[0].stat()
+    key = hashlib.sha256(f"{files[0].resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir("checkpoints") / f"{folder.name}-sharded-{key}"
+    if (target / INDEX_NAME).is_file():
+        return target
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # only ever our own temporary folder
+    tmp.mkdir(parents=True)
+    state_dict = load_file(files[0])
+    save_torch_state_dict(state_dict, tmp, max_shard_size=stat.st_size // shards + 1)
+    for other in folder.iterdir():
+        if other.is_file() and other.suffix != ".safetensors":
+            shutil.copy2(other, tmp / other.name)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished the same copy first: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

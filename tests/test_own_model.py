@@ -89,7 +89,8 @@ def test_issue_tied_qwen2_runs_05_to_the_end(tmp_path):
     assert "raised from the virtual A100" in text_of(nb)
 
 
-def test_an_unsharded_save_pretrained_folder_runs_05(tmp_path):
+@pytest.mark.parametrize("notebook", OWN_MODEL_NOTEBOOKS)
+def test_an_unsharded_save_pretrained_folder_runs(tmp_path, notebook):
     """What save_pretrained writes for a small model: one model.safetensors, no index (a tied GPT-2 here)."""
     from transformers import AutoModelForCausalLM
 
@@ -99,7 +100,7 @@ def test_an_unsharded_save_pretrained_folder_runs_05(tmp_path):
     model.save_pretrained(tmp_path / "my-gpt2")
     assert [p.name for p in (tmp_path / "my-gpt2").glob("*.safetensors")] == ["model.safetensors"]
     assert not (tmp_path / "my-gpt2" / "model.safetensors.index.json").exists()
-    nb = run_notebook("05_dispatch.ipynb", {"BIGMODEL_CHECKPOINT": str(tmp_path / "my-gpt2")}, tmp_path / "cache")
+    nb = run_notebook(notebook, {"BIGMODEL_CHECKPOINT": str(tmp_path / "my-gpt2")}, tmp_path / "cache")
     assert not errors_of(nb), errors_of(nb)[:5]
 
 
