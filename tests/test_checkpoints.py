@@ -170,3 +170,27 @@ def test_the_hand_read_header_agrees_with_safe_open(isolated_cache):
             for name, info in header.items():
                 tensor_slice = f.get_slice(name)
                 assert info["shape"] == tensor_slice.get_shape() and info["dtype"] == tensor_slice.get_dtype()
+
+
+def test_unsharded_folder_weight_map_and_sharded_copy(isolated_cache, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from helpers.models import scaled_config
+
+    model = AutoModelForCausalLM.from_config(scaled_config("gpt2"))
+    model.save_pretrained(tmp_path / "one")  # one model.safetensors, no index
+    with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
+        checkpoints.read_index(tmp_path / "one")
+    assert set(checkpoints.weight_map(tmp_path / "one").values()) == {"model.safetensors"}
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "one").iterdir())
+    copy = checkpoints.sharded_copy(tmp_path / "one", shards=3)
+    assert str(copy).startswith(str(isolated_cache)) and checkpoints.sharded_copy(tmp_path / "one", shards=3) == copy
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "one").iterdir()) == before  # untouched
+    index = checkpoints.read_index(copy)
+    assert len(set(index["weight_map"].values())) >= 2 and (copy / "config.json").is_file()
+    original = load_file(tmp_path / "one" / "model.safetensors")
+    assert set(index["weight_map"]) == set(original)
+    for name, shard in index["weight_map"].items():
+        assert torch.equal(load_file(copy / shard)[name], original[name])
+    with pytest.raises(checkpoints.CheckpointError, match="not an unsharded"):
+        checkpoints.sharded_copy(copy)
