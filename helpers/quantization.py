@@ -59,8 +59,13 @@ def _format(fmt: str) -> str:
     return fmt
 
 
-def linear_weight_bytes(out_features: int, in_features: int, fmt: str) -> tuple[int, int]:
-    """(weight bytes, scale bytes) one Linear weight of this shape takes in `fmt` (bias not included)."""
+def linear_weight_bytes(out_features: int, in_features: int, fmt: str, cpu_repacked: bool = False) -> tuple[int, int]:
+    """(weight bytes, scale bytes) one Linear weight of this shape takes in `fmt` (bias not included).
+
+    `cpu_repacked`: NF4 as bitsandbytes 0.50.2 holds it after its first forward on a CPU with AVX512-BF16
+    (`nn/modules.py::Linear4bit.forward` -> `functional.py::_convert_weight_packed_for_cpu`): same packed
+    bytes, but one bfloat16 absmax per block, the nested state dequantised and dropped (its offset kept).
+    """
     n = out_features * in_features
     fmt = _format(fmt)
     if fmt in ("float32", "float16"):
@@ -71,6 +76,8 @@ def linear_weight_bytes(out_features: int, in_features: int, fmt: str) -> tuple[
         return n, out_features * (4 + 1)  # qdata int8 [out, in], scale float32 [out, 1], zero_point int8 [out, 1]
     blocks = math.ceil(n / NF4_BLOCKSIZE)
     packed = math.ceil(n / 2)  # two 4-bit values per uint8
+    if cpu_repacked:
+        return packed, 2 * blocks + 4 * NF4_CODE_VALUES + (4 if fmt == "nf4-dq" else 0)
     if fmt == "nf4":
         return packed, 4 * blocks + 4 * NF4_CODE_VALUES
     # nf4-dq: 1-byte absmax per block, float32 absmax per 256 blocks, 256-value code, float32 offset, NF4 code
@@ -107,11 +114,13 @@ def quantized_linear_names(model: torch.nn.Module) -> list[str]:
             if type(module) is torch.nn.Linear and should_convert_module(name, skip)]
 
 
-def predict_footprint(model: torch.nn.Module, fmt: str, dtype: torch.dtype = torch.float16) -> Footprint:
+def predict_footprint(model: torch.nn.Module, fmt: str, dtype: torch.dtype = torch.float16,
+                      cpu_repacked: bool = False) -> Footprint:
     """The bytes `model` (any float model of the architecture, e.g. on meta) takes in `fmt`, from shapes only.
 
     For float formats every parameter is in that format; for quantised ones, the Linear layers of
     `quantized_linear_names` are stored as FORMATS says and every other parameter stays in `dtype`.
+    `cpu_repacked`: NF4 after bitsandbytes repacked it for the CPU (see `linear_weight_bytes`).
     """
     fmt = _format(fmt)
     quantized = set(quantized_linear_names(model)) if fmt not in ("float32", "float16") else set()
@@ -120,7 +129,7 @@ def predict_footprint(model: torch.nn.Module, fmt: str, dtype: torch.dtype = tor
     for name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
             if name in quantized and pname == "weight":
-                w, sc = linear_weight_bytes(param.shape[0], param.shape[1], fmt)
+                w, sc = linear_weight_bytes(param.shape[0], param.shape[1], fmt, cpu_repacked)
                 q, s = q + w, s + sc
             else:
                 other += param.numel() * float_bytes
@@ -200,12 +209,12 @@ def quantized_fit_report(model: torch.nn.Module, config, fmt: str, gpu: GPU | st
 # --- quality ---------------------------------------------------------------------------------------
 
 
-def held_out_text(training_log: str | Path) -> tuple[str, dict]:
+def held_out_text(training_log: str | Path) -> tuple[list[str], dict]:
     """The documentation topics the tiny Llama was NOT trained on, rebuilt from its training log.
 
     The corpus is Python's own `pydoc_data.topics`; the log records its sha256 and the held-out topic names.
-    Returns the held-out text (topics joined as the training script encodes them, one after another) and a
-    dict saying whether this Python's corpus is the one the model saw (same sha256).
+    Returns the held-out topics' texts (in the log's order, as the training script encoded them) and a dict
+    saying whether this Python's corpus is byte-for-byte the one the model saw (same sha256).
     """
     import platform
     import pydoc_data.topics
@@ -215,8 +224,8 @@ def held_out_text(training_log: str | Path) -> tuple[str, dict]:
     joined = "\n".join(f"{k}\n{v}" for k, v in topics.items())  # as training/train_tiny_llama.py::corpus
     same = hashlib.sha256(joined.encode()).hexdigest() == log["sha256"]
     names = log["held_out_topics"]
-    return "\n".join(topics[n] for n in names), {"held_out_topics": names, "same_corpus": same,
-                                                    "python": platform.python_version(), "trained_on": log["python"]}
+    return [topics[n] for n in names], {"held_out_topics": names, "same_corpus": same,
+                                        "python": platform.python_version(), "trained_on": log["python"]}
 
 
 def encode_topics(tokenizer, texts: list[str]) -> torch.Tensor:
