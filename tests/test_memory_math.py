@@ -161,17 +161,21 @@ def test_gqa_is_eight_times_smaller_than_mha(config_70b):
     assert round(kv_cache_bytes(mha, 8, 4096) / GB, 2) == 85.90  # exercise 2 of notebook 01
 
 
-def test_kv_cache_formula_matches_a_real_dynamic_cache(tiny_config):
+def real_cache(config, vocab_size: int, batch: int = 2, tokens: int = 13):
+    """The layers of transformers' own KV cache after one forward pass of `config` at float32, and their bytes."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config, dtype=torch.float32).eval()
-    batch, tokens = 2, 13
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
-        out = model(input_ids=torch.randint(0, 1000, (batch, tokens)), use_cache=True)
-    layers = out.cache.layers
+        out = model(input_ids=torch.randint(0, vocab_size, (batch, tokens)), use_cache=True)
+    layers = out.past_key_values.layers
+    return layers, sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
+
+
+def test_kv_cache_formula_matches_a_real_dynamic_cache(tiny_config):
+    layers, measured = real_cache(tiny_config, 1000)
     assert len(layers) == 2
-    assert tuple(layers[0].keys.shape) == (batch, 2, tokens, 32)  # [batch, kv_heads, tokens, head_dim]
-    measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
-    assert measured == kv_cache_bytes(tiny_config, batch, tokens, torch.float32)
+    assert tuple(layers[0].keys.shape) == (2, 2, 13, 32)  # [batch, kv_heads, tokens, head_dim]
+    assert measured == kv_cache_bytes(tiny_config, 2, 13, torch.float32)
 
 
 def test_activation_bytes_terms(config_70b):
@@ -211,15 +215,9 @@ def test_kv_cache_formula_matches_a_real_gemma2_cache():
     (fewer tokens than its sliding window, so every layer keeps them all)."""
     config = load_config("gemma-2-2b", hidden_size=64, head_dim=32, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=128, num_hidden_layers=2, vocab_size=256, query_pre_attn_scalar=32)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    batch, tokens = 2, 13
-    with torch.no_grad():
-        out = model(input_ids=torch.randint(0, 256, (batch, tokens)), use_cache=True)
-    layers = out.past_key_values.layers
-    assert tuple(layers[0].keys.shape) == (batch, 2, tokens, 32)
-    measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
-    assert measured == kv_cache_bytes(config, batch, tokens, torch.float32)
+    layers, measured = real_cache(config, 256)
+    assert tuple(layers[0].keys.shape) == (2, 2, 13, 32)
+    assert measured == kv_cache_bytes(config, 2, 13, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
