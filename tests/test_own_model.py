@@ -3,8 +3,9 @@
 Every committed architecture (`helpers.models.OTHER_ARCHITECTURES`, their published config.json values) is scaled
 down by the checkpoint factory with its proportions kept, and each notebook is run top to bottom on it: it must
 finish (its own cells assert the dispatched logits and tokens equal the in-memory model's), or stop at its first
-cells with `CannotTeach`'s message. Also: the issue's tied-embedding Qwen2 (the model that sent everything to disk),
-a hub id served offline from a hub cache, and a hub id that is not cached (a message, no traceback).
+cells with `CannotTeach`'s message. One architecture runs each notebook twice in one kernel, as a reader re-runs
+cells. Also: the issue's tied-embedding Qwen2 (the model that sent everything to disk), an unsharded save_pretrained
+folder, a hub id served offline from a hub cache, and a hub id that is not cached (a message, no traceback).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ ISSUE_QWEN2 = dict(num_hidden_layers=8, hidden_size=512, intermediate_size=1376,
                    num_key_value_heads=2, vocab_size=32000, bos_token_id=1, eos_token_id=2)
 
 
-def run_notebook(name: str, env: dict[str, str], cache: Path) -> nbformat.NotebookNode:
-    """Execute notebooks/`name` as Run All does (it stops at the first error) with extra environment variables;
-    return it with the outputs of the cells that ran.
+def run_notebook(name: str, env: dict[str, str], cache: Path, times: int = 1) -> nbformat.NotebookNode:
+    """Execute notebooks/`name` as Run All does (it stops at the first error) with extra environment variables,
+    `times` times in one kernel; return it with the outputs of the cells that ran (in the last run).
 
     The run gets a cache of its own (`cache`, with the suite's checkpoints linked in), so that its offload folders
     never meet those of a run beside it (pytest-xdist runs tests, and nbmake the default notebooks, side by side).
@@ -42,7 +43,10 @@ def run_notebook(name: str, env: dict[str, str], cache: Path) -> nbformat.Notebo
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}})
     try:
-        client.execute(env={**os.environ, **env})
+        with client.setup_kernel(env={**os.environ, **env}):
+            for _ in range(times):
+                for index, cell in enumerate(nb.cells):
+                    client.execute_cell(cell, index)
     except CellExecutionError:
         pass  # the error is in the failing cell's outputs, which the tests read
     return nb
@@ -70,11 +74,24 @@ def assert_finished_or_stopped_clearly(nb: nbformat.NotebookNode) -> None:
     assert name == "CannotTeach" and index in first_code and len(errors) == 1, errors[:5]
 
 
+#: The architecture that the run-twice test runs (twice, so it is left out of the single runs).
+RUN_TWICE = "gemma-2-2b"
+
+
 @pytest.mark.parametrize("notebook", OWN_MODEL_NOTEBOOKS)
-@pytest.mark.parametrize("architecture", OTHER_ARCHITECTURES)
+@pytest.mark.parametrize("architecture", [name for name in OTHER_ARCHITECTURES if name != RUN_TWICE])
 def test_notebook_runs_on_the_architecture(architecture, notebook, tmp_path):
     checkpoint = architecture_checkpoint(architecture)
     nb = run_notebook(notebook, {"BIGMODEL_CHECKPOINT": str(checkpoint.folder)}, tmp_path / "cache")
+    assert not errors_of(nb), errors_of(nb)[:5]
+    assert str(checkpoint.folder) in text_of(nb) or checkpoint.folder.name in text_of(nb)
+
+
+@pytest.mark.parametrize("notebook", OWN_MODEL_NOTEBOOKS)
+def test_runs_twice_in_one_kernel_on_an_own_model(notebook, tmp_path):
+    """A reader re-runs cells: with a setting, as without, a second Run All in the same kernel must pass."""
+    checkpoint = architecture_checkpoint(RUN_TWICE)
+    nb = run_notebook(notebook, {"BIGMODEL_CHECKPOINT": str(checkpoint.folder)}, tmp_path / "cache", times=2)
     assert not errors_of(nb), errors_of(nb)[:5]
     assert str(checkpoint.folder) in text_of(nb) or checkpoint.folder.name in text_of(nb)
 
