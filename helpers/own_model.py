@@ -129,9 +129,6 @@ class LessonBudget:
                 f"{self.model_bytes / self.ratio_bytes:.3f})")
 
 
-def _first_block_fits(model, budget: int, first, no_split: list[str], dtype) -> bool:
-    plan = plan_device_map(model, {first: budget}, "sequential", no_split, dtype)
-    return device_of(block_names(model)[0], plan) == first
 
 
 def minimum_budget(model: torch.nn.Module, dtype: torch.dtype | None = None, first="cpu",
@@ -144,10 +141,12 @@ def minimum_budget(model: torch.nn.Module, dtype: torch.dtype | None = None, fir
     from accelerate.utils import compute_module_sizes
 
     no_split = list(model._no_split_modules) if no_split is None else no_split
+    first_block = block_names(model)[0]  # read once: the layout does not change between plans
     low, high = 0, int(compute_module_sizes(model, dtype=dtype)[""]) * 2
     while high - low > 1024:
         middle = (low + high) // 2
-        if _first_block_fits(model, middle, first, no_split, dtype):
+        plan = plan_device_map(model, {first: middle}, "sequential", no_split, dtype)
+        if device_of(first_block, plan) == first:
             high = middle
         else:
             low = middle
