@@ -172,6 +172,32 @@ def lesson_budget(model: torch.nn.Module, ratio_bytes: int, dtype: torch.dtype |
     return budget
 
 
+def lesson_cpu_budget(model: torch.nn.Module, gpu_bytes: int, dtype: torch.dtype | None = None) -> int:
+    """CPU RAM's budget beside a GPU of `gpu_bytes`, so that the dispatch uses all three tiers.
+
+    Two GPU budgets: for the replica (3.449 budgets) that leaves about half a budget of blocks to the disk. A model
+    whose lesson budget was raised is fewer budgets, and two would hold all of it beside the GPU: then the most
+    (to 1 KiB) for which accelerate's "auto" plan still puts the last decoder block on disk, found by bisection.
+    """
+    no_split = list(model._no_split_modules)
+    last_block = block_names(model)[-1]
+
+    def leaves_disk(cpu_bytes: int) -> bool:
+        plan = plan_device_map(model, {0: gpu_bytes, "cpu": cpu_bytes}, "auto", no_split, dtype)
+        return device_of(last_block, plan) == "disk"
+
+    low, high = 0, 2 * gpu_bytes  # lesson_budget saw to it that GPU 0 alone does not hold the model
+    if leaves_disk(high):
+        return high
+    while high - low > 1024:
+        middle = (low + high) // 2
+        if leaves_disk(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def check_fits_machine(needed_bytes: int, available_bytes: int, what: str) -> None:
     """Stop (CannotTeach) when `needed_bytes` exceed what this machine has available, saying what was needed."""
     if needed_bytes > available_bytes:

@@ -14,10 +14,12 @@ from helpers.models import (
     count_parameters,
     load_config,
     meta_model,
+    replica_config,
     scaled_config,
+    virtual_a100,
     vocabulary_share,
 )
-from helpers.own_model import CannotTeach, lesson_budget, minimum_budget, resolve_checkpoint
+from helpers.own_model import CannotTeach, lesson_budget, lesson_cpu_budget, minimum_budget, resolve_checkpoint
 
 #: Published parameter counts (model cards), which the committed configs must reproduce on meta.
 PUBLISHED_PARAMETERS = {"llama-3.2-1b": 1_235_814_400, "llama-3-8b": 8_030_261_248, "qwen2.5-0.5b": 494_032_768,
@@ -86,6 +88,31 @@ def test_lesson_budget_puts_one_block_in_the_fast_tier_and_offloads(name):
                             list(model._no_split_modules))
     assert device_of(block_names(model)[0], below) != "cpu"  # the minimum is the least, to 1 KiB
     assert ("raised from" in repr(budget)) == budget.raised
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gemma-2-2b", "llama-3.2-1b"])
+def test_beside_a_gpu_the_lesson_uses_all_three_tiers(name):
+    """05 on a GPU: GPU 0 gets the lesson budget, CPU RAM lesson_cpu_budget; the plan must reach the disk.
+
+    On the H200, two budgets of CPU RAM held all of a raised-budget GPT-2 and Gemma-2 beside GPU 0: no disk tier.
+    """
+    model = skeleton(scaled_config(name))
+    total = count_parameters(model) * 4
+    budget = lesson_budget(model, total * 10 // 34, first=0).bytes
+    cpu = lesson_cpu_budget(model, budget)
+    assert 0 < cpu <= 2 * budget
+    plan = plan_device_map(model, {0: budget, "cpu": cpu}, "auto", list(model._no_split_modules))
+    blocks = [device_of(b, plan) for b in block_names(model)]
+    assert blocks[0] == 0 and "cpu" in blocks and blocks[-1] == "disk", blocks
+    if cpu < 2 * budget:  # the most that still reaches the disk, to 1 KiB
+        more = plan_device_map(model, {0: budget, "cpu": cpu + 1024}, "auto", list(model._no_split_modules))
+        assert device_of(block_names(model)[-1], more) == "cpu"
+
+
+def test_the_replica_beside_a_gpu_keeps_two_budgets_of_cpu_ram():
+    model = skeleton(replica_config())
+    budget = lesson_budget(model, virtual_a100(replica_config()).budget_bytes, first=0).bytes
+    assert lesson_cpu_budget(model, budget) == 2 * budget
 
 
 def test_a_model_too_small_to_offload_cannot_be_taught():
