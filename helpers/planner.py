@@ -131,6 +131,11 @@ class InferencePlan:
     prompt_tokens: int
     new_tokens: int
     largest_layer_reserve: bool = True  # False: the budget was raised by accelerate's reserve, to cancel it
+    quantization: str | None = None  # "int8", "nf4", "nf4-dq": bitsandbytes' stored bytes were placed
+
+    #: What bitsandbytes says when a map sends quantised modules to the CPU or the disk (transformers 5.24,
+    #: quantizers/quantizer_bnb_8bit.py and quantizer_bnb_4bit.py, `validate_environment`), the first sentence.
+    BNB_REFUSAL = "Some modules are dispatched on the CPU or the disk."
 
     def bytes_on(self, device) -> int:
         return self.summary.bytes_on(device)
@@ -141,6 +146,13 @@ class InferencePlan:
         return self.bytes_on("cpu") == 0 and self.bytes_on("disk") == 0
 
     @property
+    def bnb_refuses(self) -> bool:
+        """A quantised plan whose map bitsandbytes' `validate_environment` rejects: some modules on the CPU or the
+        disk, and not all of them on the CPU (without `llm_int8_enable_fp32_cpu_offload`)."""
+        devices = set(self.device_map.values())
+        return bool(self.quantization) and devices != {"cpu"} and bool(devices & {"cpu", "disk"})
+
+    @property
     def verdict(self) -> str:
         n = self.summary.num_layers
         layers = {d: self.summary.layers_on(d) for d in (0, "cpu", "disk")}
@@ -149,9 +161,14 @@ class InferencePlan:
         else:
             where = (f"{layers[0]} of {n} decoder layers on the GPU, {layers['cpu']} in CPU RAM, "
                      f"{layers['disk']} on disk")
-        return (f"{where}; expect about {self.speed.accelerate_seconds:.2g} s/token with accelerate's hooks "
-                f"(pageable copies), {self.speed.bound_seconds:.2g} s/token at best (a prefetching streamer from "
-                "pinned memory)")
+        expect = "at least" if self.quantization else "about"  # the stored bytes at the memory rate: a floor
+        verdict = (f"{where}; expect {expect} {self.speed.accelerate_seconds:.2g} s/token with accelerate's hooks "
+                   f"(pageable copies), {self.speed.bound_seconds:.2g} s/token at best (a prefetching streamer from "
+                   "pinned memory)")
+        if self.bnb_refuses:
+            verdict += (f"; bitsandbytes refuses this map (\"{self.BNB_REFUSAL} ...\") unless "
+                        "llm_int8_enable_fp32_cpu_offload=True")
+        return verdict
 
     def __repr__(self) -> str:
         def row(label: str, n: int) -> str:
@@ -159,7 +176,9 @@ class InferencePlan:
 
         return "\n".join([
             f"InferencePlan({self.model_name} in {self.dtype} on {self.gpu.name}, prompt {self.prompt_tokens:,} "
-            f"+ {self.new_tokens:,} new tokens",
+            f"+ {self.new_tokens:,} new tokens" + (f" (quantised weights as bitsandbytes stores them, scales "
+                                                   f"included; the rest in {self.summary.dtype})"
+                                                   if self.quantization else ""),
             row("GPU memory (box)", self.gpu.memory_bytes),
             row("- runtime (CUDA context, workspaces)", self.runtime_bytes),
             row("- KV cache", self.kv_cache_bytes),
@@ -176,7 +195,7 @@ def plan_inference(config, gpu: GPU, ram_bytes: int, links: Links, *, dtype: tor
                    prompt_tokens: int = 4096, new_tokens: int = 256, batch_size: int = 1,
                    runtime_bytes: int = 2**30, ram_reserve_bytes: int = 16 * 10**9,
                    resident_seconds: float | None = None, model=None,
-                   largest_layer_reserve: bool = True) -> InferencePlan:
+                   largest_layer_reserve: bool = True, quantization: str | None = None) -> InferencePlan:
     """Budgets, accelerate's "auto" map and the expected speed for `config` on `gpu` with `ram_bytes` of RAM.
 
     The GPU's budget for weights is its memory less the runtime, the KV cache of `prompt_tokens + new_tokens`
@@ -187,10 +206,26 @@ def plan_inference(config, gpu: GPU, ram_bytes: int, links: Links, *, dtype: tor
     accelerate's `infer_auto_device_map` always keeps the largest unsplittable layer free on the GPU (a planning
     rule: with the default hooks one module's weights are loaded at a time). `largest_layer_reserve=False`
     cancels that rule by adding the same bytes to the GPU's budget, so the weights may fill the whole budget.
+
+    `quantization` ("int8", "nf4", "nf4-dq"): the Linear layers bitsandbytes quantises are placed at the bytes it
+    stores, scales included (helpers.quantization.stored_skeleton, the bytes of `predict_footprint`); the other
+    parameters, the KV cache and the activations stay in `dtype` (a float dtype). transformers' own
+    `from_pretrained(device_map="auto")` plans such a model with 1 or 0.5 byte per quantised weight (no scales;
+    `quantizers/quantizer_bnb_*bit.py::quantized_element_size`) and 90% of each budget (`adjust_max_memory`).
+    Offloaded modules are counted at their stored bytes too, and the verdict says that bitsandbytes refuses such a
+    map without `llm_int8_enable_fp32_cpu_offload` (`InferencePlan.bnb_refuses`). The compute term reads the
+    stored bytes at the memory rate: a floor for bitsandbytes' dequantising kernels ("expect at least").
     """
-    name = str(dtype).removeprefix("torch.")
-    kv = kv_cache_bytes(config, batch_size, prompt_tokens + new_tokens, compute_dtype(name))
-    act = activation_bytes(config, batch_size, prompt_tokens, compute_dtype(name))
+    if quantization is not None:
+        from .quantization import BNB_FORMATS  # here: helpers.quantization imports this module
+
+        if quantization not in BNB_FORMATS:
+            raise ValueError(f"unknown quantization {quantization!r}; choose one of {BNB_FORMATS}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"quantization={quantization!r} keeps the rest of the model in a float dtype, not {dtype}")
+    name = quantization or str(dtype).removeprefix("torch.")
+    kv = kv_cache_bytes(config, batch_size, prompt_tokens + new_tokens, compute_dtype(dtype))
+    act = activation_bytes(config, batch_size, prompt_tokens, compute_dtype(dtype))
     gpu_budget = gpu.memory_bytes - runtime_bytes - kv - act
     cpu_budget = max(0, ram_bytes - ram_reserve_bytes)
     if gpu_budget <= 0:
@@ -198,6 +233,10 @@ def plan_inference(config, gpu: GPU, ram_bytes: int, links: Links, *, dtype: tor
                          f"{format_bytes(kv, 'GB')} and activations of {format_bytes(act, 'GB')} take all "
                          f"{format_bytes(gpu.memory_bytes, 'GB')}; use a shorter prompt or a smaller batch")
     model = model if model is not None else meta_model(config, dtype)
+    if quantization is not None and getattr(model, "stored_format", None) != quantization:
+        from .quantization import stored_skeleton
+
+        model = stored_skeleton(model, quantization)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     gpu_max_memory = gpu_budget if largest_layer_reserve else gpu_budget + largest_layer_bytes(model, no_split, dtype)
     device_map = plan_device_map(model, {0: gpu_max_memory, "cpu": cpu_budget}, "auto", no_split, dtype)
@@ -206,7 +245,7 @@ def plan_inference(config, gpu: GPU, ram_bytes: int, links: Links, *, dtype: tor
                            resident_seconds)
     return InferencePlan(getattr(config, "_name_or_path", "") or config.model_type, name, gpu, runtime_bytes, kv,
                          act, gpu_budget, cpu_budget, device_map, summary, speed, links, prompt_tokens, new_tokens,
-                         largest_layer_reserve)
+                         largest_layer_reserve, quantization)
 
 
 def largest_layer_bytes(model, no_split_module_classes: list[str], dtype: torch.dtype | str | None = None) -> int:
@@ -294,7 +333,7 @@ class ReserveTable:
 
 def reserve_table(config, gpu: GPU, ram_bytes: int, links: Links, *, dtype: torch.dtype = torch.float16,
                   short_prompt: int = 512, prompt_tokens: int = 4096, new_tokens: int = 256,
-                  runtime_bytes: int = 2**30, model=None) -> ReserveTable:
+                  runtime_bytes: int = 2**30, model=None, quantization: str | None = None) -> ReserveTable:
     """`plan_inference` four times on one card, each row setting aside one more thing before the weights.
 
     1. "weights only": the whole card for weights (accelerate's reserve cancelled);
@@ -305,9 +344,14 @@ def reserve_table(config, gpu: GPU, ram_bytes: int, links: Links, *, dtype: torc
        defaults), the others say where the other counts come from.
     The s/token columns are the transfer floors of the offloaded bytes: from pinned memory (a streamer) and at
     the pageable rate accelerate's CPU tier copies at; `row.plan.speed` adds the compute term.
+    `quantization`: as in `plan_inference` (bitsandbytes' stored bytes placed).
     """
     model = model if model is not None else meta_model(config, dtype)
-    common = dict(dtype=dtype, model=model)
+    if quantization is not None and getattr(model, "stored_format", None) != quantization:
+        from .quantization import stored_skeleton
+
+        model = stored_skeleton(model, quantization)
+    common = dict(dtype=dtype, model=model, quantization=quantization)
     short_kv = kv_cache_bytes(config, 1, short_prompt + new_tokens, compute_dtype(dtype))
     short_act = activation_bytes(config, 1, short_prompt, compute_dtype(dtype))
     long_kv = kv_cache_bytes(config, 1, prompt_tokens + new_tokens, compute_dtype(dtype))

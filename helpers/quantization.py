@@ -206,6 +206,41 @@ def quantized_fit_report(model: torch.nn.Module, config, fmt: str, gpu: GPU | st
     return dataclasses.replace(report, dtype=fmt, weights_bytes=predict_footprint(model, fmt, dtype).total)
 
 
+#: The bitsandbytes formats a plan can place (helpers.planner.plan_inference's `quantization`).
+BNB_FORMATS = ("int8", "nf4", "nf4-dq")
+
+
+def stored_skeleton(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
+    """A copy of the meta skeleton `model` whose quantised Linear weights are flat uint8 tensors of their stored bytes.
+
+    Each weight that `quantized_linear_names` lists becomes a meta uint8 tensor of `linear_weight_bytes` (the
+    quantised data and its scales, summed). accelerate 1.15's `utils/modeling.py::compute_module_sizes` counts an
+    integer tensor at its own size whatever `dtype` it is given, so `infer_auto_device_map` and
+    `summarize_device_map` place and count the bytes bitsandbytes stores; every other parameter keeps its float
+    size. For planning only: the copy cannot run. `model` is left as it is.
+    """
+    import copy
+
+    fmt = _format(fmt)
+    if fmt not in BNB_FORMATS:
+        raise ValueError(f"{fmt!r} is not a bitsandbytes format; choose one of {BNB_FORMATS}")
+    if any(p.device.type != "meta" for p in model.parameters()):
+        raise ValueError("stored_skeleton takes a meta skeleton (helpers.models.meta_model): it copies the model")
+    if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} has Conv1D layers, which transformers' bitsandbytes integration "
+                         "quantises too; predict_footprint counts nn.Linear layers only, so it cannot plan this model")
+    quantized = set(quantized_linear_names(model))
+    stored = copy.deepcopy(model)
+    for name, module in stored.named_modules():
+        if name in quantized:
+            out_features, in_features = module.weight.shape
+            nbytes = sum(linear_weight_bytes(out_features, in_features, fmt))
+            module.weight = torch.nn.Parameter(torch.empty(nbytes, dtype=torch.uint8, device="meta"),
+                                               requires_grad=False)
+    stored.stored_format = fmt
+    return stored
+
+
 # --- quality ---------------------------------------------------------------------------------------
 
 

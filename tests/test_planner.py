@@ -225,3 +225,78 @@ def test_planner_form_offers_a_given_config_to_paste():
     assert planner.model.value == "Llama-2-70B"  # the default stays
     planner.model.value = "config.json (pasted below)"
     assert planner.plan is not None and planner.plan.summary.num_layers == 12
+
+
+# --- bitsandbytes formats: the plan places the bytes bitsandbytes stores (helpers.quantization) --------------------
+
+@pytest.fixture(scope="module")
+def llama_skeletons():
+    from helpers.models import meta_model
+
+    return {name: (load_config(name), meta_model(load_config(name), torch.float16))
+            for name in ("llama-2-7b", "llama-2-70b")}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4", "nf4-dq"])
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-2-70b"])
+def test_a_quantised_plan_places_the_stored_bytes(llama_skeletons, name, fmt):
+    from helpers.quantization import predict_footprint
+
+    config, model = llama_skeletons[name]
+    plan = plan_inference(config, gpu_by_name("A100 80 GB"), 128 * 10**9, LINKS, model=model, quantization=fmt)
+    stored = predict_footprint(model, fmt)
+    # every parameter placed at its stored bytes (scales included, the head and embeddings in float16); accelerate
+    # counts the float32 rotary buffers in float16, so buffers are left out of the comparison
+    assert sum(row.parameter_bytes for row in plan.summary.rows) == stored.total - stored.buffers
+    assert plan.dtype == fmt and plan.quantization == fmt
+    assert plan.kv_cache_bytes == kv_cache_bytes(config, 1, 4096 + 256, "float16")  # the KV cache stays float16
+    assert all(p.dtype == torch.float16 for p in model.parameters())  # the caller's skeleton is untouched
+
+
+def test_llama_70b_on_an_a100_fits_in_nf4_not_in_float16(llama_skeletons):
+    config, model = llama_skeletons["llama-2-70b"]
+    a100 = gpu_by_name("A100 80 GB")
+    float16 = plan_inference(config, a100, 128 * 10**9, LINKS, model=model)
+    nf4 = plan_inference(config, a100, 128 * 10**9, LINKS, model=model, quantization="nf4")
+    assert not float16.fits_on_gpu and float16.summary.layers_on("cpu") > 0
+    assert nf4.fits_on_gpu and not nf4.bnb_refuses and "no offloading" in nf4.verdict
+    assert "expect at least" in nf4.verdict  # the memory-rate term is a floor for bitsandbytes' kernels
+
+
+def test_an_offloading_quantised_plan_says_bitsandbytes_refuses_it(llama_skeletons):
+    from pathlib import Path
+
+    import transformers
+
+    from helpers.planner import InferencePlan
+
+    config, model = llama_skeletons["llama-2-70b"]
+    a100 = gpu_by_name("A100 80 GB")
+    long = plan_inference(config, a100, 128 * 10**9, LINKS, model=model, quantization="int8")  # 4096-token prompt
+    short = plan_inference(config, a100, 128 * 10**9, LINKS, model=model, quantization="int8", prompt_tokens=512)
+    assert not long.fits_on_gpu and long.bnb_refuses and "llm_int8_enable_fp32_cpu_offload=True" in long.verdict
+    assert short.fits_on_gpu and not short.bnb_refuses
+    # the quoted words are the pinned transformers' own, in both quantizers' validate_environment
+    folder = Path(transformers.__file__).parent / "quantizers"
+    for quantizer in ("quantizer_bnb_8bit.py", "quantizer_bnb_4bit.py"):
+        assert InferencePlan.BNB_REFUSAL in (folder / quantizer).read_text()
+
+
+def test_reserve_table_takes_a_quantised_format(llama_skeletons):
+    from helpers.planner import reserve_table
+
+    config, model = llama_skeletons["llama-2-70b"]
+    a100 = gpu_by_name("A100 80 GB")
+    table = reserve_table(config, a100, 128 * 10**9, LINKS, model=model, quantization="nf4")
+    assert table.answer.plan.device_map == plan_inference(config, a100, 128 * 10**9, LINKS, model=model,
+                                                          quantization="nf4").device_map
+    assert all(row.plan.quantization == "nf4" for row in table.rows)
+
+
+def test_quantization_needs_a_bitsandbytes_format_and_a_float_dtype(llama_skeletons):
+    config, model = llama_skeletons["llama-2-7b"]
+    a100 = gpu_by_name("A100 80 GB")
+    with pytest.raises(ValueError, match="unknown quantization"):
+        plan_inference(config, a100, 64 * 10**9, LINKS, model=model, quantization="int4")
+    with pytest.raises(ValueError, match="float dtype"):
+        plan_inference(config, a100, 64 * 10**9, LINKS, model=model, quantization="nf4", dtype=torch.int8)

@@ -132,3 +132,32 @@ def test_speed_results_load_and_plot(tmp_path):
 def test_tiny_llama_config_is_what_the_notebook_assumes():
     config = AutoConfig.from_pretrained(TINY)
     assert not config.tie_word_embeddings  # the head is its own tensor: it stays float, as does the embedding
+
+
+def test_stored_skeleton_sizes_each_quantised_weight_at_its_stored_bytes():
+    from accelerate.utils import compute_module_sizes
+
+    from helpers.quantization import stored_skeleton
+
+    model = meta_model(small_config(), torch.float16)
+    for fmt in ("int8", "nf4", "nf4-dq"):
+        stored = stored_skeleton(model, fmt)
+        sizes = compute_module_sizes(stored, dtype=torch.float16)  # what accelerate's planner reads
+        out_features, in_features = model.model.layers[0].mlp.down_proj.weight.shape
+        assert sizes["model.layers.0.mlp.down_proj"] == sum(linear_weight_bytes(out_features, in_features, fmt))
+        assert sizes["lm_head"] == model.lm_head.weight.numel() * 2  # left in float16, as transformers leaves it
+        predicted = predict_footprint(model, fmt)
+        assert sum(p.numel() * p.element_size() for p in stored.parameters()) == predicted.total - predicted.buffers
+        assert stored.stored_format == fmt
+    assert all(p.dtype == torch.float16 for p in model.parameters())  # the original is untouched
+
+
+def test_stored_skeleton_refuses_what_it_cannot_plan():
+    from helpers.quantization import stored_skeleton
+
+    with pytest.raises(ValueError, match="bitsandbytes format"):
+        stored_skeleton(meta_model(small_config()), "torchao-int8")
+    with pytest.raises(ValueError, match="meta skeleton"):
+        stored_skeleton(AutoModelForCausalLM.from_config(small_config()), "nf4")
+    with pytest.raises(ValueError, match="Conv1D"):  # GPT-2: transformers quantises its Conv1D layers too
+        stored_skeleton(meta_model(load_config("gpt2")), "nf4")
