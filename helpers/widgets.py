@@ -5,11 +5,13 @@ from __future__ import annotations
 import html
 
 import ipywidgets as widgets
+import torch
 from IPython.display import Markdown
 from transformers import PretrainedConfig
 
-from .memory import BYTES_PER_PARAM, COMMON_GPUS, GPU, FitReport, fit_report, gpu_by_name
+from .memory import BYTES_PER_PARAM, COMMON_GPUS, GPU, FitReport, fit_report, format_bytes, gpu_by_name
 from .models import count_parameters, load_config, meta_model
+from .quantization import Footprint, predict_footprint, quantized_fit_report, stored_skeleton
 
 #: The three Llama-2 sizes, by display name and committed config name.
 LLAMA2 = {"Llama-2-7B": "llama-2-7b", "Llama-2-13B": "llama-2-13b", "Llama-2-70B": "llama-2-70b"}
@@ -25,6 +27,13 @@ DESCRIPTIONS = {"model": "Model", "custom_params": "Params (billions)", "dtype":
                 "seq_len": "Context (tokens)", "batch_size": "Batch size", "result": "Result"}
 RESULT_CLASS = "memory-calculator-result"
 APP_CLASS = "memory-calculator"
+#: The formats as bitsandbytes stores them (helpers.quantization), offered beside 01's bytes per parameter by the
+#: calculator and the planner: label -> helpers.quantization format.
+STORED_FORMATS = {"int8 (bitsandbytes LLM.int8)": "int8", "NF4 (bitsandbytes)": "nf4",
+                  "NF4 + double quantisation": "nf4-dq"}
+#: 01's one-number entry each stored format is compared with (bytes per parameter), and back.
+_NAIVE = {"int8": "int8", "nf4": "int4", "nf4-dq": "int4"}
+_STORED = {"int8": "int8", "int4": "nf4"}
 
 
 def llama2_models() -> dict[str, tuple[int, PretrainedConfig]]:
@@ -47,11 +56,23 @@ def markdown_table(headers: list[str], rows: list[list]) -> Markdown:
     return Markdown("\n".join(lines))
 
 
-def report_html(report: FitReport) -> str:
-    """The calculator's result as HTML: the verdict in colour over the report as it prints."""
+def report_html(report: FitReport, note: str = "") -> str:
+    """The calculator's result as HTML: the verdict in colour over the report as it prints (and a note under it)."""
     colour = "#1a7f37" if report.fits else "#cf222e"
     return (f'<b style="color:{colour}">{html.escape(report.verdict)}</b>'
-            f"<pre>{html.escape(repr(report))}</pre>")
+            f"<pre>{html.escape(repr(report))}</pre>" + (f"<small>{html.escape(note)}</small>" if note else ""))
+
+
+def stored_note(footprint: Footprint, n_params: int) -> str:
+    """How the bytes bitsandbytes stores differ from 01's arithmetic (every parameter at 1 or 0.5 byte)."""
+    naive = _NAIVE[footprint.format]
+    plain = n_params * BYTES_PER_PARAM[naive]
+    label = next(name for name, fmt in STORED_FORMATS.items() if fmt == footprint.format)
+    return (f"{label}, as stored: {format_bytes(footprint.total, 'GB')}, {footprint.total / plain - 1:+.1%} over "
+            f"01's {BYTES_PER_PARAM[naive]:g} byte per parameter ({format_bytes(plain, 'GB')}): quantised weights "
+            f"{format_bytes(footprint.quantized_weights, 'GB')} + scales {format_bytes(footprint.scales, 'GB')} + "
+            f"{format_bytes(footprint.unquantized, 'GB')} left in float16 (embeddings, lm_head, norms), as "
+            "transformers leaves them (helpers.quantization.predict_footprint)")
 
 
 class MemoryCalculator(widgets.VBox):
@@ -67,7 +88,7 @@ class MemoryCalculator(widgets.VBox):
                                       description=DESCRIPTIONS["model"], style=style, layout=layout)
         self.custom_params = widgets.FloatText(value=7.0, description=DESCRIPTIONS["custom_params"],
                                                disabled=True, style=style, layout=layout)
-        self.dtype = widgets.Dropdown(options=list(BYTES_PER_PARAM), value="float16",
+        self.dtype = widgets.Dropdown(options=[*BYTES_PER_PARAM, *STORED_FORMATS], value="float16",
                                       description=DESCRIPTIONS["dtype"], style=style, layout=layout)
         names = [g.name for g in gpus]
         self.gpu = widgets.Dropdown(options=names, value="A100 80 GB" if "A100 80 GB" in names else names[-1],
@@ -79,6 +100,8 @@ class MemoryCalculator(widgets.VBox):
         self.result = widgets.HTML(description=DESCRIPTIONS["result"], style=style)
         self.result.add_class(RESULT_CLASS)
         self.report: FitReport | None = None
+        self.footprint: Footprint | None = None  # the bytes bitsandbytes stores, for a stored format or int8/int4
+        self._skeletons: dict = {}
         controls = [self.model, self.custom_params, self.dtype, self.gpu, self.seq_len, self.batch_size]
         for control in controls:
             control.observe(self._update, names="value")
@@ -86,15 +109,40 @@ class MemoryCalculator(widgets.VBox):
         self.add_class(APP_CLASS)
         self._update()
 
+    def _skeleton(self, name: str, config: PretrainedConfig):
+        """The float16 meta skeleton of a model (its shapes, for predict_footprint); one kept at a time."""
+        if name not in self._skeletons:
+            self._skeletons = {name: meta_model(config, torch.float16)}
+        return self._skeletons[name]
+
     def _update(self, change: dict | None = None) -> None:
         """Recompute the report from the controls (called on every change)."""
         custom = self.model.value == CUSTOM
         self.custom_params.disabled = not custom
         n_params, config = (int(self.custom_params.value * 1e9), None) if custom else self.models[self.model.value]
-        self.report = fit_report(n_params, self.dtype.value, gpu_by_name(self.gpu.value, self.gpus), config=config,
-                                 batch_size=self.batch_size.value, seq_len=self.seq_len.value,
-                                 model=self.model.value)
-        self.result.value = report_html(self.report)
+        gpu, fmt = gpu_by_name(self.gpu.value, self.gpus), STORED_FORMATS.get(self.dtype.value)
+        self.footprint, note = None, ""
+        if fmt is not None and config is None:
+            self.report = None
+            self.result.value = (f'<b style="color:#cf222e">{html.escape(self.dtype.value)} needs the model\'s '
+                                 "shapes (which layers are quantised, their widths): pick a named model, or int8 / "
+                                 "int4 for a parameter count alone</b>")
+            return
+        if fmt is not None:  # the weights as bitsandbytes stores them; KV cache and activations in float16
+            skeleton = self._skeleton(self.model.value, config)
+            self.report = quantized_fit_report(skeleton, config, fmt, gpu, batch_size=self.batch_size.value,
+                                               seq_len=self.seq_len.value, name=self.model.value)
+            self.footprint = predict_footprint(skeleton, fmt)
+            note = stored_note(self.footprint, n_params)
+        else:
+            self.report = fit_report(n_params, self.dtype.value, gpu, config=config, batch_size=self.batch_size.value,
+                                     seq_len=self.seq_len.value, model=self.model.value)
+            if self.dtype.value in _STORED and config is not None:  # 01's arithmetic: say what the library stores
+                self.footprint = predict_footprint(self._skeleton(self.model.value, config),
+                                                   _STORED[self.dtype.value])
+                note = (f"01's arithmetic: every parameter at {BYTES_PER_PARAM[self.dtype.value]:g} byte. "
+                        + stored_note(self.footprint, n_params))
+        self.result.value = report_html(self.report, note)
 
 
 def memory_calculator(models: dict[str, tuple[int, PretrainedConfig]] | None = None,
@@ -110,7 +158,6 @@ import io  # noqa: E402 - the explorer's imports, kept with it
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .device_maps import DeviceMapSummary, device_map_for_budgets, draw_device_map, summarize_device_map  # noqa: E402
-from .memory import format_bytes  # noqa: E402
 
 #: The `description` of every control of the device-map explorer ("{unit}" is the sliders' unit).
 DEVICE_MAP_DESCRIPTIONS = {"gpu": "GPU 0 budget ({unit})", "cpu": "CPU budget ({unit})", "plan": "Plan"}
@@ -188,7 +235,6 @@ def device_map_explorer(config_or_model, *, gpu_budget: int, cpu_budget: int, un
 
 import json  # noqa: E402 - the planner's imports, kept with it
 
-import torch  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 from .planner import PCIE_GB_PER_S, InferencePlan, Links, plan_inference  # noqa: E402
@@ -242,7 +288,7 @@ class InferencePlanner(widgets.VBox):
                                        layout=widgets.Layout(width="480px", height="90px"))
         self.gpu = widgets.Dropdown(options=names, value="A100 80 GB" if "A100 80 GB" in names else names[-1],
                                     description=PLANNER_DESCRIPTIONS["gpu"], style=style, layout=layout)
-        self.dtype = widgets.Dropdown(options=list(_DTYPES), value="float16",
+        self.dtype = widgets.Dropdown(options=[*_DTYPES, *STORED_FORMATS], value="float16",
                                       description=PLANNER_DESCRIPTIONS["dtype"], style=style, layout=layout)
         self.ram = widgets.IntSlider(value=128, min=16, max=1024, step=16, continuous_update=False,
                                      description=PLANNER_DESCRIPTIONS["ram"], style=style, layout=layout)
@@ -260,10 +306,13 @@ class InferencePlanner(widgets.VBox):
         self.add_class(PLANNER_APP_CLASS)
         self._update()
 
-    def _skeleton(self, config, dtype):
-        key = (config.to_json_string(), dtype)
+    def _skeleton(self, config, dtype, quantization: str | None = None):
+        """The meta skeleton in `dtype`; for a stored format, its copy sized as bitsandbytes stores it."""
+        key = (config.to_json_string(), dtype, quantization)
         if key not in self._skeletons:
-            self._skeletons = {key: meta_model(config, dtype)}  # keep one: a 70B skeleton is cheap, not free
+            model = meta_model(config, dtype)
+            # keep one: a 70B skeleton is cheap, not free
+            self._skeletons = {key: stored_skeleton(model, quantization) if quantization else model}
         return self._skeletons[key]
 
     def _update(self, change: dict | None = None) -> None:
@@ -277,9 +326,11 @@ class InferencePlanner(widgets.VBox):
         try:
             config = (config_from_json(self.config.value) if pasted
                       else load_config({**LLAMA2, **ARCHITECTURES}[self.model.value]))
-            dtype = _DTYPES[self.dtype.value]
+            quantization = STORED_FORMATS.get(self.dtype.value)  # bitsandbytes: its stored bytes, the rest float16
+            dtype = torch.float16 if quantization else _DTYPES[self.dtype.value]
             self.plan = plan_inference(config, gpu, self.ram.value * 10**9, links, dtype=dtype,
-                                       prompt_tokens=self.prompt.value, model=self._skeleton(config, dtype))
+                                       prompt_tokens=self.prompt.value, quantization=quantization,
+                                       model=self._skeleton(config, dtype, quantization))
             self.result.value = plan_html(self.plan)
         except (ValueError, TypeError, KeyError) as error:
             self.plan = None

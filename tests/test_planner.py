@@ -300,3 +300,22 @@ def test_quantization_needs_a_bitsandbytes_format_and_a_float_dtype(llama_skelet
         plan_inference(config, a100, 64 * 10**9, LINKS, model=model, quantization="int4")
     with pytest.raises(ValueError, match="float dtype"):
         plan_inference(config, a100, 64 * 10**9, LINKS, model=model, quantization="nf4", dtype=torch.int8)
+
+
+def test_planner_form_plans_the_stored_formats():
+    from helpers.models import meta_model
+    from helpers.quantization import predict_footprint
+    from helpers.widgets import STORED_FORMATS
+
+    planner = InferencePlanner(LINKS, base_pcie=5, device_memory=DATASHEET_MEMORY_BANDWIDTH)
+    assert list(planner.dtype.options)[-len(STORED_FORMATS):] == list(STORED_FORMATS)
+    assert not planner.plan.fits_on_gpu  # Llama-2-70B in float16 on an A100-80GB
+    skeleton = meta_model(load_config("llama-2-70b"), torch.float16)
+    for label, fmt in STORED_FORMATS.items():
+        planner.dtype.value = label
+        stored = predict_footprint(skeleton, fmt)
+        assert planner.plan.quantization == fmt
+        assert sum(row.parameter_bytes for row in planner.plan.summary.rows) == stored.total - stored.buffers
+    assert planner.plan.fits_on_gpu and "no offloading" in planner.result.value  # NF4 + double quantisation
+    planner.model.value = "GPT-2"  # Conv1D layers: not predicted, said in the form
+    assert planner.plan is None and "Conv1D" in planner.result.value

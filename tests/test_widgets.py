@@ -1,14 +1,19 @@
 """Unit tests for helpers.widgets: the memory calculator reacts to its controls, headless."""
 
-import pytest
+import html
 
-from helpers.memory import COMMON_GPUS, GB, GPU, fit_report, kv_cache_bytes
-from helpers.models import load_config
+import pytest
+import torch
+
+from helpers.memory import BYTES_PER_PARAM, COMMON_GPUS, GB, GPU, fit_report, kv_cache_bytes
+from helpers.models import load_config, meta_model
+from helpers.quantization import predict_footprint
 from helpers.widgets import (
     APP_CLASS,
     CUSTOM,
     DESCRIPTIONS,
     RESULT_CLASS,
+    STORED_FORMATS,
     markdown_table,
     memory_calculator,
     report_html,
@@ -109,3 +114,54 @@ def test_markdown_table_aligns_numbers_right():
     assert lines[0] == "| model | GB |"
     assert lines[1] == "|:---|---:|"
     assert lines[3] == "| 70B | 1,137.95 |"
+
+
+# --- the formats as bitsandbytes stores them, beside 01's bytes per parameter ------------------------------------
+
+def test_dtype_lists_01s_entries_then_the_stored_formats(models):
+    app = memory_calculator(models)
+    assert list(app.dtype.options) == [*BYTES_PER_PARAM, *STORED_FORMATS]
+    assert set(STORED_FORMATS.values()) == {"int8", "nf4", "nf4-dq"}
+
+
+@pytest.mark.parametrize("label", list(STORED_FORMATS))
+@pytest.mark.parametrize("name", ["Llama-2-7B", "Llama-2-70B"])
+def test_a_stored_format_prices_the_weights_as_predict_footprint(models, name, label):
+    app = memory_calculator(models)
+    app.model.value = name
+    app.dtype.value = label
+    config = models[name][1]
+    stored = predict_footprint(meta_model(config, torch.float16), STORED_FORMATS[label])
+    assert app.report.weights_bytes == stored.total and app.footprint == stored
+    assert app.report.kv_cache_bytes == kv_cache_bytes(config, 1, 4096, "float16")  # the cache stays float16
+    assert "as stored" in app.result.value and "left in float16" in app.result.value
+
+
+def test_llama_70b_fits_an_a100_in_nf4_not_in_float16(models):
+    app = memory_calculator(models)
+    assert (app.model.value, app.gpu.value, app.seq_len.value) == ("Llama-2-70B", "A100 80 GB", 4096)
+    assert not app.report.fits  # float16
+    app.dtype.value = "NF4 (bitsandbytes)"
+    assert app.report.fits and app.report.dtype == "nf4"
+
+
+def test_01s_int8_and_int4_stay_bytes_times_parameters_and_show_the_stored_difference(models):
+    app = memory_calculator(models)
+    app.dtype.value = "int4"
+    assert app.report.weights_bytes == N_70B // 2  # 01's lesson: 0.5 byte per parameter
+    stored = app.footprint.total
+    assert app.footprint.format == "nf4" and stored > app.report.weights_bytes
+    assert f"{stored / (N_70B / 2) - 1:+.1%} over 01's 0.5 byte per parameter" in html.unescape(app.result.value)
+    app.dtype.value = "int8"
+    assert app.report.weights_bytes == N_70B and app.footprint.format == "int8"
+    assert "01's arithmetic: every parameter at 1 byte" in html.unescape(app.result.value)
+
+
+def test_a_stored_format_needs_a_named_model(models):
+    app = memory_calculator(models)
+    app.model.value = CUSTOM
+    app.dtype.value = "NF4 (bitsandbytes)"
+    assert app.report is None and "needs the model" in app.result.value
+    app.model.value = "Llama-2-7B"
+    assert app.report.weights_bytes == predict_footprint(meta_model(models["Llama-2-7B"][1], torch.float16),
+                                                         "nf4").total
