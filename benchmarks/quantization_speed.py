@@ -9,14 +9,17 @@ default, written once to --work) is loaded the way people load it, `from_pretrai
   * nf4-dq: the same with `bnb_4bit_use_double_quant=True`.
 
 Then greedy decoding (`generate`, `do_sample=False`, a fixed number of new tokens, `min_new_tokens` equal so no
-run stops early) at batch 1 and batch 32 after one warm-up call, timed with `torch.cuda.synchronize()` around it:
-tokens/s = batch x new tokens / seconds (the prompt's prefill included, printed separately). GPU memory after the
-load (`torch.cuda.memory_allocated`) and the stored bytes of helpers.quantization.measure_footprint are recorded.
+run stops early) at batch 1 and batch 32 after one warm-up call, timed with `torch.cuda.synchronize()` around it,
+--repeats times (the median is the result; every time is kept): tokens/s = batch x new tokens / seconds (the
+prompt's prefill included, printed separately). GPU memory after the load (`torch.cuda.memory_allocated`) and the
+stored bytes of helpers.quantization.measure_footprint are recorded, and the GPU's memory bandwidth is measured
+(a device-to-device copy, bytes read + written / seconds) so that each step can be set against its memory bound,
+stored bytes / bandwidth: decoding reads every weight once per step.
 
 Writes data/results/quantization-<card-slug>.json with the card, the date and the library versions; notebook 12
 reads every such file and plots it.
 
-    PYTHONPATH=$PWD python3 benchmarks/quantization_speed.py             # one GPU; Llama-2-7B shape, about 5 min
+    PYTHONPATH=$PWD python3 benchmarks/quantization_speed.py             # one GPU; Llama-2-7B shape, about 3 min
     PYTHONPATH=$PWD python3 benchmarks/quantization_speed.py --layers 8  # a quicker 8-layer model of that shape
     PYTHONPATH=$PWD python3 benchmarks/quantization_speed.py --smoke     # CPU smoke test of the code (tiny model)
 
@@ -74,7 +77,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_generate(model, batch: int, prompt: int, new_tokens: int, vocab: int, device: str) -> dict:
+def copy_bandwidth(device: str, nbytes: int = 2**31, repeats: int = 5) -> float:
+    """Bytes read + written per second by a device-to-device copy of `nbytes` (the median of `repeats`)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    del src, dst
+    return 2 * nbytes / sorted(times)[len(times) // 2]
+
+
+def time_generate(model, batch: int, prompt: int, new_tokens: int, vocab: int, device: str,
+                  repeats: int = 1) -> dict:
     ids = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch)).to(device)
     mask = {"attention_mask": torch.ones_like(ids), "pad_token_id": 0}  # no padding: every prompt is full length
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, **mask}
@@ -85,13 +105,16 @@ def time_generate(model, batch: int, prompt: int, new_tokens: int, vocab: int, d
         model(ids)  # the prefill alone, to print beside the decode
         sync(device)
         prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(ids, **kwargs)
-        sync(device)
-        seconds = time.perf_counter() - start
-    assert out.shape == (batch, prompt + new_tokens), out.shape
+        every = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = model.generate(ids, **kwargs)
+            sync(device)
+            every.append(time.perf_counter() - start)
+            assert out.shape == (batch, prompt + new_tokens), out.shape
+    seconds = sorted(every)[len(every) // 2]
     return {"batch_size": batch, "prompt_tokens": prompt, "new_tokens": new_tokens, "seconds": seconds,
-            "prefill_seconds": prefill, "tokens_per_s": batch * new_tokens / seconds}
+            "seconds_every_repeat": every, "prefill_seconds": prefill, "tokens_per_s": batch * new_tokens / seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (same width)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--prompt", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed generate calls per batch size (median kept)")
     parser.add_argument("--work", type=Path, default=None, help="where the checkpoint is written (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="CPU smoke test on a tiny config; writes no result")
@@ -126,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         overrides = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
                      "num_key_value_heads": 2, "vocab_size": 512}
-        args.batches, args.new_tokens, args.prompt = [1, 4], 4, 8
+        args.batches, args.new_tokens, args.prompt, args.repeats = [1, 4], 4, 8, 2
     config = load_config(args.config, **overrides)
     card = torch.cuda.get_device_name(0) if on_gpu else "CPU smoke test"
     out = args.out or (Path(tempfile.gettempdir()) / "quantization-smoke.json" if args.smoke
@@ -136,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{card}: {versions}", flush=True)
     results = {"card": card, "slug": slug(card), "date": datetime.date.today().isoformat(), "versions": versions,
                "model": f"{args.config}" + (f", {config.num_hidden_layers} layers" if overrides else ""),
-               "parameters": None, "runs": [], "loads": {}}
+               "parameters": None, "runs": [], "loads": {},
+               "copy_bandwidth_bytes_per_s": copy_bandwidth(device) if on_gpu else None}
+    if on_gpu:
+        print(f"device-to-device copy: {results['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s (read + write)")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = (args.work or Path(tmp)) / f"{args.config}-{config.num_hidden_layers}"
@@ -159,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{fmt}: loaded in {results['loads'][fmt]['seconds']:.1f} s, {footprint}", flush=True)
             for batch in args.batches:
                 run = {"format": fmt, **time_generate(model, batch, args.prompt, args.new_tokens,
-                                                      config.vocab_size, device)}
+                                                      config.vocab_size, device, args.repeats)}
                 results["runs"].append(run)
-                print(f"  batch {batch:3d}: {run['tokens_per_s']:9.1f} tokens/s ({run['seconds']:.2f} s for "
+                every = ", ".join(f"{s:.2f}" for s in run["seconds_every_repeat"])
+                print(f"  batch {batch:3d}: {run['tokens_per_s']:9.1f} tokens/s (median of {every} s for "
                       f"{run['new_tokens']} new tokens; prefill {run['prefill_seconds'] * 1e3:.1f} ms)", flush=True)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(results, indent=2) + "\n")  # after every run: a crash keeps what ran
