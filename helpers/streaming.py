@@ -16,7 +16,11 @@ offloaded bytes divided by the bandwidth of the link they cross. This module get
 * on the device, `depth + 1` slot buffers of one layer each are reused for all streamed layers:
   before a layer runs, its parameters are re-bound to views into the slot that holds its weights;
 * without a GPU the same idea moves disk -> RAM: a read-ahead thread `pread`s layer i+1's tensors
-  from the safetensors shards into a RAM slot while layer i computes.
+  from the safetensors shards into a RAM slot while layer i computes;
+* fewer bytes make a lower bound: with `int8_folder` (written by `write_int8_layers`) each streamed
+  layer's Linear weights are held, read and copied as int8 with one float16 scale per output row
+  (about half the bytes of float16), and dequantised on the execution device, into one float buffer
+  the layer computes from, just before it runs; the copies of the next layers go on meanwhile.
 
 The hooks are plain torch forward pre/post hooks on the decoder layers (as in notebook 06's
 minimal offloader), so `remove()` restores the model to an ordinary module.
@@ -171,6 +175,157 @@ def drop_from_page_cache(path: str | Path) -> None:
         os.close(fd)
 
 
+# --- int8 on the wire: half the bytes of float16, dequantised where the layer runs ------------------
+
+SCALE_SUFFIX = "_scale"  # "mlp.up_proj.weight" (int8) travels with "mlp.up_proj.weight_scale" (float16, one per row)
+
+
+def is_int8_weight(name: str, shape: Sequence[int]) -> bool:
+    """The weights sent as int8: a decoder layer's 2-D `.weight`s (in a Llama, exactly its 7 nn.Linear weights).
+
+    Norm weights are 1-D: they travel as they are.
+    """
+    return name.endswith(".weight") and len(shape) == 2
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one float16 scale per output row: scale = absmax / 127, q = round(w / scale)."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).to(torch.float16)
+    divisor = torch.where(scale == 0, 1.0, scale.float())  # an all-zero row: q = 0 whatever its scale
+    q = torch.round(w / divisor[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = q * scale, one kernel computed in out's dtype: the float weight a layer computes with."""
+    return torch.mul(q, scale.to(out.dtype)[:, None], out=out)
+
+
+@dataclass(frozen=True)
+class Int8Layout:
+    """A layer as stored and sent in int8 (`wire`) and as it computes (`layout`, float): the same parameters.
+
+    `plan` has one entry per parameter of `layout`: (index of its values in `wire`, index of its scale in
+    `wire`, or None for a parameter sent as it is).
+    """
+
+    layout: LayerLayout
+    wire: LayerLayout
+    plan: tuple[tuple[int, int | None], ...]
+
+    def dequantize(self, wire_views: Sequence[torch.Tensor], out_views: Sequence[torch.Tensor]) -> None:
+        """Fill the float parameters (`layout` views) from the sent ones (`wire` views), on their device."""
+        for out, (values, scale) in zip(out_views, self.plan, strict=True):
+            if scale is None:
+                out.copy_(wire_views[values])
+            else:
+                dequantize_int8(wire_views[values], wire_views[scale], out)
+
+    def __repr__(self) -> str:
+        n = sum(scale is not None for _, scale in self.plan)
+        return (f"Int8Layout({n} of {len(self.plan)} parameters as int8 + a float16 scale per row: "
+                f"{format_bytes(self.wire.nbytes)} sent per layer instead of {format_bytes(self.layout.nbytes)})")
+
+
+def int8_layout(layout: LayerLayout, align: int = 256) -> Int8Layout:
+    """The wire layout of `layout`: each int8 weight followed by its scales, the rest as they are, aligned."""
+    spans, plan, offset = [], [], 0
+
+    def add(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        nonlocal offset
+        offset = -(-offset // align) * align
+        spans.append(ParamSpan(name, offset, shape, dtype))
+        offset += spans[-1].nbytes
+        return len(spans) - 1
+
+    for span in layout.spans:
+        if is_int8_weight(span.name, span.shape):
+            plan.append((add(span.name, span.shape, torch.int8),
+                         add(span.name + SCALE_SUFFIX, span.shape[:1], torch.float16)))
+        else:
+            plan.append((add(span.name, span.shape, span.dtype), None))
+    return Int8Layout(layout, LayerLayout(tuple(spans), -(-offset // align) * align), tuple(plan))
+
+
+def write_int8_layers(checkpoint_folder: str | Path, folder: str | Path | None = None,
+                      layers_prefix: str = "model.layers") -> Path:
+    """Write the decoder layers of a safetensors checkpoint with their 2-D weights as int8 + float16 scales.
+
+    One shard per layer and an index, as a checkpoint: the streamer reads it exactly as it reads the float
+    one (`stream_model(..., int8_folder=...)`). Cached: by default under the cache, keyed by the checkpoint's
+    path and its shards' sizes and modification times; an existing folder is reused as it is.
+    """
+    import hashlib
+    import re
+
+    from safetensors.torch import save_file
+
+    from .paths import cache_dir
+
+    locations = tensor_locations(checkpoint_folder)
+    if folder is None:
+        shards = sorted({loc.path for loc in locations.values()})
+        key = json.dumps([str(Path(checkpoint_folder).resolve()), layers_prefix,
+                          [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in shards]])
+        folder = cache_dir("int8") / f"{Path(checkpoint_folder).name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    folder = Path(folder)
+    if (folder / INDEX_NAME).is_file():
+        return folder
+    pattern = re.compile(rf"^{re.escape(layers_prefix)}\.(\d+)\.")
+    by_layer: dict[int, list[str]] = {}
+    for name in locations:
+        if match := pattern.match(name):
+            by_layer.setdefault(int(match.group(1)), []).append(name)
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    reader, weight_map, total = FileReader(), {}, 0
+    try:
+        for i in sorted(by_layer):
+            tensors = {}
+            for name in by_layer[i]:
+                location = locations[name]
+                tensor = torch.empty(location.shape, dtype=location.dtype)
+                reader.read_into(location, tensor)
+                if is_int8_weight(name, location.shape):
+                    tensors[name], tensors[name + SCALE_SUFFIX] = quantize_int8(tensor)
+                else:
+                    tensors[name] = tensor
+            shard = f"layer-{i:05d}.safetensors"
+            save_file(tensors, tmp / shard)
+            weight_map.update(dict.fromkeys(tensors, shard))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+    finally:
+        reader.close()
+    (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    tmp.rename(folder)
+    return folder
+
+
+def int8_weight_errors(checkpoint_folder: str | Path, int8_folder: str | Path) -> dict[str, float]:
+    """||w - q * scale|| / ||w|| for every int8 weight of `int8_folder` against the float checkpoint it came from.
+
+    The quantisation error the int8 streamer's outputs carry (dequantised in float32 here).
+    """
+    float_locations, int8_locations = tensor_locations(checkpoint_folder), tensor_locations(int8_folder)
+    reader, errors = FileReader(), {}
+
+    def read(location: TensorLocation) -> torch.Tensor:
+        out = torch.empty(location.shape, dtype=location.dtype)
+        reader.read_into(location, out)
+        return out
+
+    try:
+        for name, location in int8_locations.items():
+            if location.dtype == torch.int8:
+                w = read(float_locations[name]).float()
+                q, scale = read(location), read(int8_locations[name + SCALE_SUFFIX])
+                errors[name] = ((w - dequantize_int8(q, scale, torch.empty_like(w))).norm() / w.norm()).item()
+    finally:
+        reader.close()
+    return errors
+
+
 # --- host memory: page-aligned, page-locked in place -----------------------------------------------
 
 
@@ -229,14 +384,23 @@ class LayerStreamer:
     `sources[i]` says where streamed layer i's bytes are: a flat uint8 CPU tensor (host memory,
     page-locked or not) or a list of TensorLocation in layout order (files on disk). Layers not
     in `sources` are left alone (resident). Attach with `attach()`, undo with `remove()`.
+
+    With `int8` (an Int8Layout of `layout`), the sources hold the int8 wire layout: the slots receive
+    int8 weights and their scales, and before a layer runs they are dequantised on the execution
+    device into one float buffer of `layout`, which the layer computes from (the slot is free again
+    as soon as that is done).
     """
 
     def __init__(self, layers: Sequence[torch.nn.Module], sources: Mapping[int, torch.Tensor | list[TensorLocation]],
                  layout: LayerLayout, device: str | torch.device, *, depth: int = 1, non_blocking: bool = True,
-                 side_stream: bool = True):
+                 side_stream: bool = True, int8: Int8Layout | None = None):
         self.layers = list(layers)
         self.sources = dict(sources)
-        self.layout = layout
+        self.layout = layout  # what the layers compute from
+        self.int8 = int8
+        if int8 is not None and int8.layout != layout:
+            raise ValueError("the Int8Layout was made for another layer layout")
+        self.wire = int8.wire if int8 is not None else layout  # what is stored, read and copied
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
         self.depth = depth
@@ -246,9 +410,15 @@ class LayerStreamer:
         self.handles: list = []
         n_slots = depth + 1
         # The device buffers, allocated once and reused for every streamed layer of every step.
-        self.slots = torch.empty(n_slots, layout.nbytes, dtype=torch.uint8, device=self.device)
-        self._slot_params = [[torch.nn.Parameter(v, requires_grad=False) for v in layout.views(self.slots[s])]
-                             for s in range(n_slots)]
+        self.slots = torch.empty(n_slots, self.wire.nbytes, dtype=torch.uint8, device=self.device)
+        if int8 is None:  # the layer computes from the slot itself
+            self._slot_params = [[torch.nn.Parameter(v, requires_grad=False) for v in layout.views(self.slots[s])]
+                                 for s in range(n_slots)]
+        else:  # int8 arrives in the slots; every layer computes from one float buffer, dequantised into
+            self.weights = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+            self._weight_views = layout.views(self.weights)
+            self._slot_params = [[torch.nn.Parameter(v, requires_grad=False) for v in self._weight_views]] * n_slots
+            self._wire_views = [self.wire.views(self.slots[s]) for s in range(n_slots)]
         self._targets = {i: self._param_targets(self.layers[i]) for i in self.order}
         self._meta = {i: [torch.nn.Parameter(torch.empty(s.shape, dtype=s.dtype, device="meta"), requires_grad=False)
                           for s in layout.spans] for i in self.order}
@@ -256,7 +426,7 @@ class LayerStreamer:
         # GPU + disk: a page-locked staging buffer per slot that the read-ahead thread fills from the file.
         self.staging: list[torch.Tensor] = []
         if self.on_gpu and disk:
-            self.staging = [page_aligned_empty(layout.nbytes) for _ in range(n_slots)]
+            self.staging = [page_aligned_empty(self.wire.nbytes) for _ in range(n_slots)]
             for buffer in self.staging:
                 pin_in_place(buffer)
         self._reader = FileReader() if disk else None
@@ -282,7 +452,7 @@ class LayerStreamer:
     # -- fetching one layer into one slot --
 
     def _read_file(self, i: int, out: torch.Tensor) -> None:
-        for location, view in zip(self.sources[i], self.layout.views(out), strict=True):
+        for location, view in zip(self.sources[i], self.wire.views(out), strict=True):
             self._reader.read_into(location, view)
 
     def _copy_to_slot(self, i: int, slot: int, host: torch.Tensor) -> None:
@@ -314,7 +484,7 @@ class LayerStreamer:
             pending.future = self._thread.submit(self._read_file, i, self.slots[slot])
         self._pending.append(pending)
         self.stats.fetches += 1
-        self.stats.bytes_fetched += self.layout.nbytes
+        self.stats.bytes_fetched += self.wire.nbytes
 
     def _drain(self) -> None:
         """Forget prefetched layers (used when layers run out of the expected order)."""
@@ -341,15 +511,22 @@ class LayerStreamer:
             self._next = (self._next + 1) % len(self.order)
         if self.on_gpu:  # the compute stream waits (on the GPU, not here) until layer i has arrived
             torch.cuda.current_stream(self.device).wait_event(self._arrived[pending.slot])
+        if self.int8 is not None:  # int8 + scales -> the float weights, on the compute device; the slot is free
+            self.int8.dequantize(self._wire_views[pending.slot], self._weight_views)
+            self._release(pending.slot)
         for (module, leaf), param in zip(self._targets[i], self._slot_params[pending.slot], strict=True):
             module._parameters[leaf] = param  # the layer now computes from the slot
         self._current[i] = pending.slot
 
-    def _post_forward(self, i: int) -> None:
-        slot = self._current.pop(i)
+    def _release(self, slot: int) -> None:
         if self.on_gpu:  # slot free once the kernels queued so far have run
             self._freed[slot].record(torch.cuda.current_stream(self.device))
             self._freed_recorded[slot] = True
+
+    def _post_forward(self, i: int) -> None:
+        slot = self._current.pop(i)
+        if self.int8 is None:  # (int8: released once dequantised)
+            self._release(slot)
         for (module, leaf), param in zip(self._targets[i], self._meta[i], strict=True):
             module._parameters[leaf] = param  # back to meta: between its forwards the layer holds no memory
 
@@ -395,8 +572,10 @@ class LayerStreamer:
         kinds = {"host": sum(isinstance(s, torch.Tensor) for s in self.sources.values())}
         kinds["disk"] = len(self.sources) - kinds["host"]
         where = ", ".join(f"{n} from {k}" for k, n in kinds.items() if n)
+        sent = (f" int8 (+ scales), dequantised into one buffer of {format_bytes(self.layout.nbytes)},"
+                if self.int8 else "")
         return (f"LayerStreamer({len(self.order)} of {len(self.layers)} layers streamed ({where}) into "
-                f"{self.depth + 1} slots of {format_bytes(self.layout.nbytes)} on {self.device}, "
+                f"{self.depth + 1} slots of {format_bytes(self.wire.nbytes)}{sent} on {self.device}, "
                 f"{self.depth} layer(s) ahead; {self.stats!r})")
 
 
@@ -458,13 +637,17 @@ class StreamedModel:
 
 def stream_model(model: torch.nn.Module, checkpoint_folder: str | Path, device_map: Mapping[str, str | int], *,
                  depth: int = 1, pinned: bool = True, non_blocking: bool = True,
-                 side_stream: bool = True, layers_prefix: str = "model.layers") -> StreamedModel:
+                 side_stream: bool = True, layers_prefix: str = "model.layers",
+                 int8_folder: str | Path | None = None) -> StreamedModel:
     """Load a skeleton (`init_empty_weights`) from a safetensors checkpoint and stream its offloaded layers.
 
     Modules that `device_map` puts on the execution device are loaded there. Decoder layers put on
     "cpu" (with a GPU) are read once into one host buffer, page-locked in place when `pinned`;
     layers on "disk" stay in the checkpoint's shards and are read each step. Without a GPU, "cpu"
     is the execution device and only "disk" layers are streamed.
+
+    With `int8_folder` (written by `write_int8_layers`), the streamed layers come from it instead: int8
+    weights and float16 scales are held, read and copied, and dequantised where the layer runs.
     """
     execution = [d for d in device_map.values() if d not in ("cpu", "disk")]
     device = torch.device(f"cuda:{execution[0]}" if execution and isinstance(execution[0], int)
@@ -481,6 +664,16 @@ def stream_model(model: torch.nn.Module, checkpoint_folder: str | Path, device_m
     for i in streamed[1:]:
         if layer_layout(layers[i]) != layout:
             raise ValueError(f"layer {i} is shaped unlike layer {streamed[0]}: streamed layers must share a layout")
+    int8 = int8_layout(layout) if int8_folder is not None and streamed else None
+    wire = int8.wire if int8 is not None else layout  # what the streamed layers' bytes look like, held and sent
+    wire_locations = tensor_locations(int8_folder) if int8 is not None else locations
+    for i in streamed:
+        for span in wire.spans:
+            location = wire_locations.get(f"{layers_prefix}.{i}.{span.name}")
+            if location is None or (location.dtype, location.shape) != (span.dtype, span.shape):
+                raise ValueError(f"{layers_prefix}.{i}.{span.name}: the checkpoint has "
+                                 f"{location and (location.dtype, location.shape)}, the streamer expects "
+                                 f"{(span.dtype, span.shape)}")
 
     streamed_names = tuple(f"{layers_prefix}.{i}." for i in streamed)
     reader = FileReader()
@@ -506,25 +699,25 @@ def stream_model(model: torch.nn.Module, checkpoint_folder: str | Path, device_m
     host_store = None
     sources: dict[int, torch.Tensor | list[TensorLocation]] = {}
     if host_layers:
-        host_store = page_aligned_empty(len(host_layers) * layout.nbytes)  # the one host copy
+        host_store = page_aligned_empty(len(host_layers) * wire.nbytes)  # the one host copy
         for k, i in enumerate(host_layers):
-            flat = host_store[k * layout.nbytes:(k + 1) * layout.nbytes]
-            for span, view in zip(layout.spans, layout.views(flat), strict=True):
-                reader.read_into(locations[f"{layers_prefix}.{i}.{span.name}"], view)
+            flat = host_store[k * wire.nbytes:(k + 1) * wire.nbytes]
+            for span, view in zip(wire.spans, wire.views(flat), strict=True):
+                reader.read_into(wire_locations[f"{layers_prefix}.{i}.{span.name}"], view)
             sources[i] = flat
         if pinned:
             pin_in_place(host_store)
     reader.close()
     for i in streamed:
         if placement[i] == "disk":
-            sources[i] = [locations[f"{layers_prefix}.{i}.{span.name}"] for span in layout.spans]
+            sources[i] = [wire_locations[f"{layers_prefix}.{i}.{span.name}"] for span in wire.spans]
     if streamed:
         streamer = LayerStreamer(layers, sources, layout, device, depth=depth, non_blocking=non_blocking,
-                                 side_stream=side_stream).attach()
+                                 side_stream=side_stream, int8=int8).attach()
     else:  # nothing to stream: an empty streamer keeps the interface
         streamer = LayerStreamer(layers, {}, LayerLayout((), 0), device, depth=0)
-    n_host = len(host_layers) * (layout.nbytes if layout else 0)
-    n_disk = sum(placement[i] == "disk" for i in streamed) * (layout.nbytes if layout else 0)
+    n_host = len(host_layers) * (wire.nbytes if wire else 0)
+    n_disk = sum(placement[i] == "disk" for i in streamed) * (wire.nbytes if wire else 0)
     return StreamedModel(model, streamer, host_store, resident_bytes, n_host, n_disk,
                          pinned=pinned and host_store is not None and device.type == "cuda")
 
@@ -566,6 +759,21 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
+def prompt_ids(tokens: int, vocab_size: int) -> torch.Tensor:
+    """The deterministic prompt the timing functions feed (batch 1): token k is (7k + 3) mod vocab_size."""
+    return (torch.arange(tokens)[None] * 7 + 3) % vocab_size
+
+
+@torch.no_grad()
+def prompt_logits(model: torch.nn.Module, device: str | torch.device, *, tokens: int = 16) -> torch.Tensor:
+    """The logits (float32, on the CPU) at every position of one forward of the timing prompt, without a cache.
+
+    Two models given the same tokens: their logits compare position by position (a decode run would feed each
+    model its own greedy tokens, which differ once one argmax does).
+    """
+    return model(prompt_ids(tokens, model.config.vocab_size).to(device)).logits[0].float().cpu()
+
+
 @torch.no_grad()
 def time_decode(model: torch.nn.Module, device: str | torch.device, *, prompt_tokens: int = 16, steps: int = 5,
                 warmup: int = 1, vocab_size: int | None = None, before_step: Callable[[], None] | None = None,
@@ -585,7 +793,7 @@ def time_decode(model: torch.nn.Module, device: str | torch.device, *, prompt_to
     timer = _StepTimer(device)
     cache_name = cache_argument(model)
     for _pass in range(2 if replay else 1):  # with replay, only the second pass is kept
-        ids = (torch.arange(prompt_tokens)[None] * 7 + 3) % vocab_size
+        ids = prompt_ids(prompt_tokens, vocab_size)
         out = model(ids.to(device), use_cache=True)
         cache, token = getattr(out, cache_name), out.logits[:, -1:].argmax(-1)
         times, logits = [], []
@@ -607,7 +815,7 @@ def time_decode(model: torch.nn.Module, device: str | torch.device, *, prompt_to
 def time_prefill(model: torch.nn.Module, device: str | torch.device, *, tokens: int = 512, repeats: int = 3,
                  warmup: int = 1, before_step: Callable[[], None] | None = None) -> dict:
     """Seconds per prefill of `tokens` tokens (batch 1, a fresh KV cache each time), and the last logits."""
-    ids = ((torch.arange(tokens)[None] * 7 + 3) % model.config.vocab_size).to(device)
+    ids = prompt_ids(tokens, model.config.vocab_size).to(device)
     times = []
     for k in range(warmup + repeats):
         if before_step is not None:

@@ -227,6 +227,168 @@ def test_committed_gpu_results_have_what_the_notebook_plots(path):
         assert {"decode", "prefill"} <= set(entry["accelerate"]) and {"decode", "prefill"} <= set(entry["streamer"])
 
 
+# --- int8 on the wire ---------------------------------------------------------------------------
+
+
+def by_hand(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 weight-only quantisation and dequantisation, written out with torch (the reference)."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).half()  # one float16 scale per output row
+    q = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+@pytest.fixture(scope="module")
+def int8_folders(checkpoints):
+    return {dtype: streaming.write_int8_layers(checkpoints[dtype].folder) for dtype in ("float32", "float16")}
+
+
+@pytest.fixture(scope="module")
+def int8_references(checkpoints):
+    """The resident model with every decoder layer's Linear weights replaced by their int8 dequantisation."""
+    out = {}
+    for dtype in ("float32", "float16"):
+        model = streaming.stream_model(skeleton(dtype), checkpoints[dtype].folder,
+                                       streaming.layer_device_map(LAYERS, "cpu")).model
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.data.copy_(by_hand(module.weight, module.weight.dtype))
+        out[dtype] = run(model)
+    return out
+
+
+def test_int8_quantisation_is_per_row_absmax_within_half_a_step():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)).half()
+    w[3] = 0  # an all-zero row stays zero
+    q, scale = streaming.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (64,)
+    assert torch.equal(scale, (w.float().abs().amax(1) / 127).half())
+    assert q.abs().max() == 127 and torch.equal(q[3], torch.zeros(96, dtype=torch.int8))
+    w_hat = streaming.dequantize_int8(q, scale, torch.empty_like(w))
+    assert torch.equal(w_hat, by_hand(w, torch.float16))
+    # each weight moves by at most half a step (scale / 2), plus float16's rounding of q * scale
+    assert ((w.float() - w_hat.float()).abs() <= scale.float()[:, None] / 2 + w_hat.float().abs() * 2**-11).all()
+
+
+def test_int8_layout_sends_each_linear_weight_as_int8_and_a_scale_per_row():
+    layer = meta_model(tiny_config("float16"), torch.float16).model.layers[0]
+    int8 = streaming.int8_layout(streaming.layer_layout(layer))
+    linears = {f"{n}.weight" for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    wire = {s.name: s for s in int8.wire.spans}
+    assert {n for n, s in wire.items() if s.dtype == torch.int8} == linears and len(linears) == 7
+    for name, p in layer.named_parameters():
+        if name in linears:
+            assert wire[name].shape == tuple(p.shape)
+            assert (wire[name + streaming.SCALE_SUFFIX].shape, wire[name + streaming.SCALE_SUFFIX].dtype) == (
+                (p.shape[0],), torch.float16)
+        else:  # the norms travel as they are
+            assert (wire[name].shape, wire[name].dtype) == (tuple(p.shape), torch.float16)
+    assert all(s.offset % 256 == 0 for s in int8.wire.spans)
+
+    def up(n):
+        return -(-n // 256) * 256
+
+    expected = sum(up(p.numel()) + up(2 * p.shape[0]) if name in linears else up(p.numel() * 2)
+                   for name, p in layer.named_parameters())
+    assert int8.wire.nbytes == expected  # int8 bytes + float16 scales (+ the norms), each aligned
+    assert 0.5 < int8.wire.nbytes / int8.layout.nbytes < 0.55  # about half of float16
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("depth", [0, 2])
+def test_int8_streamer_equals_a_hand_dequantised_model_exactly(checkpoints, int8_folders, int8_references,
+                                                               reference, dtype, depth):
+    device_map = streaming.layer_device_map(LAYERS, "cpu", streaming.split_placement(LAYERS, disk=LAYERS))
+    streamed = streaming.stream_model(skeleton(dtype), checkpoints[dtype].folder, device_map, depth=depth,
+                                      int8_folder=int8_folders[dtype])
+    first, second = run(streamed.model), run(streamed.model)  # and again: the same
+    for got in (first, second):
+        assert torch.equal(got[0], int8_references[dtype][0]) and torch.equal(got[1], int8_references[dtype][1])
+    streamed.close()
+
+
+def test_int8_logit_error_is_within_the_first_order_bound(checkpoints, int8_folders, reference):
+    """Each int8 weight is off by ||w - w_hat|| / ||w|| (at most half a step per weight); to first order an
+    output is off by at most the sum of the relative errors of the matrices it went through: 7 per layer."""
+    from helpers.quantization import logit_error
+
+    folder = checkpoints["float32"].folder
+    errors = streaming.int8_weight_errors(folder, int8_folders["float32"])
+    assert len(errors) == 7 * LAYERS and 0 < max(errors.values()) < 1 / 127
+    bound = sum(errors.values())
+    device_map = streaming.layer_device_map(LAYERS, "cpu", streaming.split_placement(LAYERS, disk=LAYERS))
+    streamed = streaming.stream_model(skeleton(), folder, device_map, depth=1, int8_folder=int8_folders["float32"])
+    decode, prefill = run(streamed.model)
+    for got, expected in ((decode, reference[0]), (prefill, reference[1])):
+        error = logit_error(got, expected)
+        assert 0 < error.relative <= bound, (error, bound)
+    streamed.close()
+
+
+def test_int8_streamer_moves_int8_bytes_and_scales_per_step(checkpoints, int8_folders):
+    folder = checkpoints["float16"].folder
+    device_map = streaming.layer_device_map(LAYERS, "cpu", streaming.split_placement(LAYERS, disk=LAYERS))
+    fp16 = streaming.stream_model(skeleton("float16"), folder, device_map, depth=1)
+    int8 = streaming.stream_model(skeleton("float16"), folder, device_map, depth=1, int8_folder=int8_folders["float16"])
+    per_step = {}
+    for name, streamed in (("float16", fp16), ("int8", int8)):
+        run(streamed.model)
+        stats = streamed.streamer.stats
+        before = (stats.fetches, stats.bytes_fetched)
+        with torch.no_grad():
+            streamed.model(torch.tensor([[3]]))  # one more forward: one fetch per streamed layer
+        per_step[name] = stats.bytes_fetched - before[1]
+        assert stats.fetches - before[0] == LAYERS
+        assert stats.bytes_fetched == stats.fetches * streamed.streamer.wire.nbytes
+        assert per_step[name] == streamed.disk_bytes == LAYERS * streamed.streamer.wire.nbytes
+        assert streamed.streamer.slots.shape == (2, streamed.streamer.wire.nbytes)
+        streamed.close()
+    wire = int8.streamer.int8.wire
+    int8_bytes = sum(s.nbytes for s in wire.spans if s.dtype == torch.int8)
+    scale_bytes = sum(s.nbytes for s in wire.spans if s.name.endswith(streaming.SCALE_SUFFIX))
+    norm_bytes = sum(s.nbytes for s in wire.spans) - int8_bytes - scale_bytes
+    padding = wire.nbytes - int8_bytes - scale_bytes - norm_bytes
+    assert scale_bytes == 2 * sum(s.shape[0] for s in wire.spans if s.dtype == torch.int8)
+    assert 0 <= padding < 256 * len(wire.spans)  # alignment only
+    assert per_step["int8"] == LAYERS * (int8_bytes + scale_bytes + norm_bytes + padding)
+    assert 0.5 < per_step["int8"] / per_step["float16"] < 0.55
+    # the int8 folder holds what is sent: int8 weights, float16 scales and norms
+    stored = streaming.tensor_locations(int8_folders["float16"])
+    assert {loc.dtype for loc in stored.values()} == {torch.int8, torch.float16}
+    assert sum(loc.nbytes for loc in stored.values()) == LAYERS * sum(s.nbytes for s in wire.spans)
+
+
+def test_int8_folder_is_written_once_and_matches_the_streamers_layout(checkpoints, int8_folders):
+    again = streaming.write_int8_layers(checkpoints["float16"].folder)
+    assert again == int8_folders["float16"]  # cached
+    with pytest.raises(ValueError, match="the streamer expects"):  # a float checkpoint is not an int8 folder
+        streaming.stream_model(skeleton("float16"), checkpoints["float16"].folder,
+                               streaming.layer_device_map(LAYERS, "cpu", {0: "disk"}),
+                               int8_folder=checkpoints["float16"].folder)
+
+
+def test_int8_benchmark_smoke_run_writes_both_ratios(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "int8-tiny.json"
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8_streaming.py"), "--tiny", "--out",
+                                str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                               env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for key in ("card", "date", "versions", "model", "bandwidth", "resident", "float16", "int8", "bytes",
+                "logit_error", "ratios"):
+        assert key in results, key
+    ratios = results["ratios"]
+    assert ratios["int8_over_float16"] == results["int8"]["decode"] / results["float16"]["decode"]
+    assert ratios["int8_over_its_bound"] == results["int8"]["decode"] / results["int8"]["bound"]
+    assert ratios["float16_over_its_bound"] == results["float16"]["decode"] / results["float16"]["bound"]
+    assert results["int8"]["equals_hand_reference"] is True
+    assert 0.5 < results["bytes"]["int8_per_step"] / results["bytes"]["float16_per_step"] < 0.55
+    assert "int8 / float16 streamer" in completed.stdout
+
+
 # --- on a GPU -----------------------------------------------------------------------------------
 
 
@@ -273,3 +435,21 @@ def test_pinned_in_place_is_exact_and_fast():
     assert host.is_pinned() and host.numel() == nbytes
     streaming.unpin(host)
     assert streaming.h2d_bandwidth(nbytes, pinned=True) > streaming.h2d_bandwidth(nbytes, pinned=False) * 0.8
+
+
+@pytest.mark.gpu
+def test_gpu_int8_streamer_from_host_memory_equals_a_hand_dequantised_model(checkpoints, int8_folders):
+    folder = checkpoints["float16"].folder
+    resident = streaming.stream_model(skeleton("float16"), folder, streaming.layer_device_map(LAYERS, 0))
+    for module in resident.model.model.layers.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data.copy_(by_hand(module.weight.cpu(), torch.float16))  # quantised on the CPU, as stored
+    expected = run(resident.model, "cuda:0")
+    device_map = streaming.layer_device_map(LAYERS, 0, streaming.split_placement(LAYERS, cpu=3))
+    streamed = streaming.stream_model(skeleton("float16"), folder, device_map, depth=2,
+                                      int8_folder=int8_folders["float16"])
+    got = run(streamed.model, "cuda:0")
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert streamed.host_store.is_pinned() and streamed.host_store.numel() == 3 * streamed.streamer.wire.nbytes
+    assert streamed.streamer.slots.is_cuda and streamed.streamer.weights.is_cuda
+    streamed.close()
