@@ -226,6 +226,8 @@ def stored_skeleton(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
         raise ValueError(f"{fmt!r} is not a bitsandbytes format; choose one of {BNB_FORMATS}")
     if any(p.device.type != "meta" for p in model.parameters()):
         raise ValueError("stored_skeleton takes a meta skeleton (helpers.models.meta_model): it copies the model")
+    if getattr(model, "stored_format", None):
+        raise ValueError(f"this skeleton is already sized as {model.stored_format!r}; pass the float skeleton")
     if any(type(m).__name__ == "Conv1D" for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has Conv1D layers, which transformers' bitsandbytes integration "
                          "quantises too; predict_footprint counts nn.Linear layers only, so it cannot plan this model")

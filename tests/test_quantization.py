@@ -161,3 +161,5 @@ def test_stored_skeleton_refuses_what_it_cannot_plan():
         stored_skeleton(AutoModelForCausalLM.from_config(small_config()), "nf4")
     with pytest.raises(ValueError, match="Conv1D"):  # GPT-2: transformers quantises its Conv1D layers too
         stored_skeleton(meta_model(load_config("gpt2")), "nf4")
+    with pytest.raises(ValueError, match="already sized"):
+        stored_skeleton(stored_skeleton(meta_model(small_config()), "nf4"), "int8")
