@@ -951,6 +951,13 @@ def ratio_table(rows: Iterable[tuple[str, float, float]]) -> str:
     return "\n".join(lines)
 
 
+def int8_results(folder: str | Path | None = None) -> list[dict]:
+    """Every int8-streaming-<card>.json in data/results/ (benchmarks/int8_streaming.py), by file name: [] if none."""
+    from .paths import RESULTS_DIR
+
+    return [json.loads(p.read_text()) for p in sorted(Path(folder or RESULTS_DIR).glob("int8-streaming-*.json"))]
+
+
 # --- accelerate's offload, for comparison ----------------------------------------------------------
 
 

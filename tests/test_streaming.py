@@ -389,6 +389,18 @@ def test_int8_benchmark_smoke_run_writes_both_ratios(tmp_path):
     assert "int8 / float16 streamer" in completed.stdout
 
 
+@pytest.mark.parametrize("results", streaming.int8_results(), ids=lambda r: r["card"])
+def test_committed_int8_results_have_what_the_notebook_reads(results):
+    for key in ("card", "date", "versions", "model", "bandwidth", "bytes", "resident", "float16", "int8",
+                "logit_error", "ratios"):
+        assert key in results, key
+    assert not results["tiny"] and results["placement"]["layers_on"] == "cpu"
+    for name in ("float16", "int8"):
+        assert {"decode", "bound", "bytes_per_step"} <= set(results[name])
+    assert {"int8_over_float16", "int8_over_its_bound", "float16_over_its_bound"} <= set(results["ratios"])
+    assert {"max_abs", "relative", "greedy_next_token_agrees"} <= set(results["logit_error"])
+
+
 # --- on a GPU -----------------------------------------------------------------------------------
 
 
