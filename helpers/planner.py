@@ -14,7 +14,7 @@ import torch
 from accelerate.utils import compute_module_sizes
 from accelerate.utils.modeling import get_max_layer_size
 
-from .device_maps import DeviceMapSummary, plan_device_map, summarize_device_map
+from .device_maps import DeviceMapSummary, block_names, plan_device_map, summarize_device_map
 from .memory import GPU, activation_bytes, compute_dtype, format_bytes, kv_cache_bytes
 from .models import meta_model
 
@@ -248,11 +248,26 @@ def plan_inference(config, gpu: GPU, ram_bytes: int, links: Links, *, dtype: tor
                          largest_layer_reserve, quantization)
 
 
-def largest_layer_bytes(model, no_split_module_classes: list[str], dtype: torch.dtype | str | None = None) -> int:
-    """The bytes accelerate's `infer_auto_device_map` keeps free on the GPU (its `get_max_layer_size` call)."""
+def largest_layer(model, no_split_module_classes: list[str],
+                  dtype: torch.dtype | str | None = None) -> tuple[int, list[str]]:
+    """What accelerate's `infer_auto_device_map` keeps free on the GPU (its `get_max_layer_size` call): the bytes
+    of the largest unsplittable module, and its name(s): a decoder block, or a larger leaf such as a big embedding."""
     modules = [*model.named_parameters(recurse=False), *model.named_children(), *model.named_buffers(recurse=False)]
-    size, _ = get_max_layer_size(modules, compute_module_sizes(model, dtype=dtype), no_split_module_classes)
-    return int(size)
+    size, names = get_max_layer_size(modules, compute_module_sizes(model, dtype=dtype), no_split_module_classes)
+    return int(size), list(names)
+
+
+def largest_layer_bytes(model, no_split_module_classes: list[str], dtype: torch.dtype | str | None = None) -> int:
+    """The bytes accelerate's `infer_auto_device_map` keeps free on the GPU (see `largest_layer`)."""
+    return largest_layer(model, no_split_module_classes, dtype)[0]
+
+
+def describe_largest(names: list[str], blocks: list[str]) -> str:
+    """'one decoder layer' when the largest modules are blocks, else the first one's name (and how many more)."""
+    if names and set(names) <= set(blocks):
+        return "one decoder layer"
+    more = f" (and {len(names) - 1} more of its size)" if len(names) > 1 else ""
+    return f"`{names[0]}`{more}" if names else "nothing"
 
 
 #: The rows of `reserve_table`, in order: each sets aside one more thing on the GPU than the row above.
@@ -356,11 +371,11 @@ def reserve_table(config, gpu: GPU, ram_bytes: int, links: Links, *, dtype: torc
     short_act = activation_bytes(config, 1, short_prompt, compute_dtype(dtype))
     long_kv = kv_cache_bytes(config, 1, prompt_tokens + new_tokens, compute_dtype(dtype))
     long_act = activation_bytes(config, 1, prompt_tokens, compute_dtype(dtype))
-    largest = largest_layer_bytes(model, list(getattr(model, "_no_split_modules", None) or []), dtype)
+    largest, largest_names = largest_layer(model, list(getattr(model, "_no_split_modules", None) or []), dtype)
     specs = [
         (RESERVE_ROWS[0], "nothing: the whole card holds weights",
          dict(prompt_tokens=0, new_tokens=0, runtime_bytes=0, largest_layer_reserve=False)),
-        (RESERVE_ROWS[1], f"one decoder layer ({_gb(largest)})",
+        (RESERVE_ROWS[1], f"{describe_largest(largest_names, block_names(model))} ({_gb(largest)})",
          dict(prompt_tokens=0, new_tokens=0, runtime_bytes=0)),
         (RESERVE_ROWS[2], f"+ KV cache of {short_prompt:,} + {new_tokens:,} tokens ({_gb(short_kv)}), "
                           f"activations of a {short_prompt:,}-token prefill ({_gb(short_act)})",

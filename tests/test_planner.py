@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers.memory import GPU, gpu_by_name, kv_cache_bytes
-from helpers.models import load_config
+from helpers.models import load_config, meta_model
 from helpers.planner import DATASHEET_MEMORY_BANDWIDTH, Links, estimate_speed, plan_inference
 from helpers.widgets import InferencePlanner, config_from_json
 
@@ -319,3 +319,24 @@ def test_planner_form_plans_the_stored_formats():
     assert planner.plan.fits_on_gpu and "no offloading" in planner.result.value  # NF4 + double quantisation
     planner.model.value = "GPT-2"  # Conv1D layers: not predicted, said in the form
     assert planner.plan is None and "Conv1D" in planner.result.value
+
+
+def test_the_reserve_row_names_the_largest_module_when_it_is_not_a_block():
+    """A tied Gemma-2's embedding is larger than a decoder block: the reserve row must name it, not 'one decoder
+    layer' (the H200 review found the row saying 'one decoder layer' beside the embedding's size)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from helpers.device_maps import block_names
+    from helpers.models import load_config
+    from helpers.planner import describe_largest, largest_layer
+
+    with init_empty_weights():
+        gemma = AutoModelForCausalLM.from_config(load_config("gemma-2-2b"), dtype=torch.float16)
+    gemma.tie_weights()
+    size, names = largest_layer(gemma, list(gemma._no_split_modules), torch.float16)
+    assert names == ["model.embed_tokens"] and size == 256_000 * 2304 * 2
+    assert describe_largest(names, block_names(gemma)) == "`model.embed_tokens`"
+    llama = meta_model(load_config("llama-2-70b"), torch.float16)
+    _, names = largest_layer(llama, list(llama._no_split_modules), torch.float16)
+    assert describe_largest(names, block_names(llama)) == "one decoder layer"
