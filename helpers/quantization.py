@@ -333,3 +333,160 @@ def plot_speed(results: list[dict]):
         ax.legend()
     fig.tight_layout()
     return fig
+
+
+# --- the decision (notebook 09): load each format, its quality cost, and speed scaled to another model and card ---
+
+
+def load_kwargs(fmt: str, dtype: torch.dtype = torch.float16) -> dict:
+    """`from_pretrained` arguments that load a checkpoint in `fmt`, as notebook 12 loads it.
+
+    Float formats load every weight in that dtype; the quantised ones keep what they leave unquantised (embeddings,
+    norms, `lm_head`) and compute in `dtype`: `BitsAndBytesConfig(load_in_8bit=True)` (LLM.int8),
+    `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", ...)` with or without double quantisation,
+    `TorchAoConfig(Int8WeightOnlyConfig())`.
+    """
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    fmt = _format(fmt)
+    if fmt in ("float32", "float16"):
+        return {"dtype": getattr(torch, fmt)}
+    if fmt == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return {"dtype": dtype, "quantization_config": TorchAoConfig(Int8WeightOnlyConfig())}
+    if fmt == "int8":
+        return {"dtype": dtype, "quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    return {"dtype": dtype, "quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=fmt == "nf4-dq")}
+
+
+#: Notebook 12's bounds on the change of the tiny Llama's held-out perplexity against float32, stated before any run.
+PERPLEXITY_BOUNDS: dict[str, float] = {"float16": 0.005, "int8": 0.02, "torchao-int8": 0.02, "nf4": 0.10,
+                                       "nf4-dq": 0.10}
+
+
+@dataclass(frozen=True)
+class QualityCost:
+    """What one format costs in quality on the small models, against float32 (notebook 12, section 5)."""
+
+    format: str
+    perplexity: float  # the tiny Llama's held-out perplexity in this format
+    float32_perplexity: float
+    replica: LogitError  # the 70B replica's logits against float32's, on the same tokens
+
+    @property
+    def perplexity_change(self) -> float:
+        """Relative change of the held-out perplexity against float32 (+0.01: 1% worse)."""
+        return self.perplexity / self.float32_perplexity - 1
+
+    def __repr__(self) -> str:
+        return (f"QualityCost({self.format}: held-out perplexity {self.perplexity:.3f} ({self.perplexity_change:+.2%} "
+                f"against float32's {self.float32_perplexity:.3f}); replica {self.replica!r})")
+
+
+def quality_costs(formats: list[str], tiny_folder: str | Path, replica_folder: str | Path, device: str = "cpu",
+                  tokens: int = 32) -> dict[str, QualityCost]:
+    """Each format's quality cost against float32: the tiny Llama's held-out perplexity and the replica's logit error.
+
+    The tiny Llama (a trained model) is scored on the documentation topics its training held out (`held_out_text`,
+    `encode_topics`, `perplexity` over its training context); the replica (random weights, the 70B's proportions)
+    runs `tokens` fixed random ids (seed 0) in each format. Every model is loaded with `load_kwargs` on `device` and
+    released before the next. A few seconds on a CPU.
+    """
+    tiny_folder, replica_folder = Path(tiny_folder), Path(replica_folder)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log = tiny_folder / "training_log.json"
+    context = json.loads(log.read_text())["model"]["context"]
+    texts, _ = held_out_text(log)
+    stream = encode_topics(AutoTokenizer.from_pretrained(tiny_folder), texts).to(device)
+    vocab = AutoConfig.from_pretrained(replica_folder).vocab_size
+    ids = torch.randint(3, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    ppl, logits = {}, {}
+    for fmt in ["float32", *[f for f in formats if f != "float32"]]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_folder, device_map={"": device}, **load_kwargs(fmt)).eval()
+        ppl[fmt] = perplexity(model, stream, context)
+        del model
+        model = AutoModelForCausalLM.from_pretrained(replica_folder, device_map={"": device},
+                                                     **load_kwargs(fmt)).eval()
+        with torch.no_grad():
+            logits[fmt] = model(ids).logits.float().cpu()
+        del model
+    return {fmt: QualityCost(fmt, ppl[fmt], ppl["float32"], logit_error(logits[fmt], logits["float32"]))
+            for fmt in formats}
+
+
+#: The name helpers.planner.DATASHEET_MEMORY_BANDWIDTH (keyed by COMMON_GPUS names) gives each card a committed speed
+#: result may come from, by the name CUDA gives it (`torch.cuda.get_device_name`: a result file's `card`).
+CUDA_CARD_NAMES: dict[str, str] = {"NVIDIA H100 80GB HBM3": "H100 80 GB", "NVIDIA A100-SXM4-80GB": "A100 80 GB"}
+#: Cards the planner's table does not have, from their datasheets (bytes/s): the H200's HBM3e, 4.8 TB/s, as in
+#: benchmarks/capstone_70b.py.
+OTHER_CARD_MEMORY_BANDWIDTH: dict[str, float] = {"NVIDIA H200": 4.8e12}
+
+
+def card_memory_bandwidth(card: str) -> float | None:
+    """The datasheet memory bandwidth (bytes/s) of `card` as CUDA names it; None for a card not listed above."""
+    from helpers.planner import DATASHEET_MEMORY_BANDWIDTH  # imported here: helpers.planner imports this module
+
+    if card in OTHER_CARD_MEMORY_BANDWIDTH:
+        return OTHER_CARD_MEMORY_BANDWIDTH[card]
+    return DATASHEET_MEMORY_BANDWIDTH.get(CUDA_CARD_NAMES.get(card, ""))
+
+
+@dataclass(frozen=True)
+class ScaledSpeed:
+    """A decode speed measured for one model on one card, scaled to another model's stored bytes and another card.
+
+    A decode step at a small batch reads every stored weight once from the card's memory, so its time is taken to
+    grow with the bytes stored and to shrink with the memory bandwidth: seconds per step = measured seconds per step
+    x (target stored bytes / measured stored bytes) x (measured card's bandwidth / target card's). An estimate from
+    a measurement, not a measurement: kernels that are not bound by memory (dequantisation, launches) scale otherwise.
+    """
+
+    format: str
+    batch_size: int
+    card: str  # where it was measured
+    model: str  # what was measured
+    measured_tokens_per_s: float
+    measured_stored_bytes: int
+    target_stored_bytes: int
+    bandwidth_ratio: float  # measured card's datasheet bandwidth / target card's
+
+    @property
+    def measured_seconds_per_step(self) -> float:
+        return self.batch_size / self.measured_tokens_per_s
+
+    @property
+    def seconds_per_step(self) -> float:
+        """The estimate: one decode step (one new token for each sequence of the batch) on the target."""
+        return (self.measured_seconds_per_step * self.target_stored_bytes / self.measured_stored_bytes
+                * self.bandwidth_ratio)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch_size / self.seconds_per_step
+
+    def __repr__(self) -> str:
+        bytes_ratio = self.target_stored_bytes / self.measured_stored_bytes
+        return (f"ScaledSpeed({self.format}, batch {self.batch_size}: measured {self.measured_tokens_per_s:.1f} "
+                f"tokens/s ({self.measured_seconds_per_step * 1e3:.1f} ms/step) on {self.card}, {self.model}; x "
+                f"{bytes_ratio:.2f} stored bytes x {self.bandwidth_ratio:.2f} bandwidth = "
+                f"{self.seconds_per_step * 1e3:.0f} ms/step, {self.tokens_per_s:.1f} tokens/s)")
+
+
+def scaled_speed(result: dict, fmt: str, batch_size: int, target_stored_bytes: int,
+                 target_bandwidth: float) -> ScaledSpeed | None:
+    """`result` (a data/results/quantization-*.json) scaled to `target_stored_bytes` on a card of `target_bandwidth`.
+
+    None when the result has no run of `fmt` at `batch_size`, no stored bytes for `fmt`, or its card's bandwidth is
+    not known (`card_memory_bandwidth`): nothing measured to scale.
+    """
+    run = next((r for r in result.get("runs", []) if r["format"] == fmt and r["batch_size"] == batch_size), None)
+    stored = result.get("loads", {}).get(fmt, {}).get("stored_bytes")
+    bandwidth = card_memory_bandwidth(result.get("card", ""))
+    if run is None or not stored or bandwidth is None:
+        return None
+    return ScaledSpeed(fmt, batch_size, result["card"], result["model"], run["tokens_per_s"], stored,
+                       target_stored_bytes, bandwidth / target_bandwidth)

@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import capstone_70b  # noqa: E402
 from helpers import streaming  # noqa: E402
+from helpers.models import load_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,61 @@ def test_max_batch_formula():
     per_sequence = 2 * 80 * 20 * 8 * 128 * 2  # the KV cache alone: an upper limit on the batch
     assert 0 < batch < 0.9 * 10 * 10**9 / per_sequence
     assert str(batch) in formula
+
+
+# --- notebook 09, section 7: the decision table renders with and without a committed quantisation speed result ---
+
+#: A result as benchmarks/quantization_speed.py writes it (its fields, plausible numbers), for the state that the
+#: committed data/results/ does not show.
+FAKE_SPEED = {"card": "NVIDIA H200", "slug": "nvidia-h200", "date": "2026-11-29", "model": "llama-2-7b",
+              "parameters": 6_738_415_616, "versions": {"bitsandbytes": "0.50.2"},
+              "loads": {"float16": {"stored_bytes": 13_476_831_232}, "int8": {"stored_bytes": 7_004_553_216},
+                        "nf4": {"stored_bytes": 3_898_667_008}},
+              "runs": [{"format": fmt, "batch_size": batch, "prompt_tokens": 32, "new_tokens": 64, "tokens_per_s": tps}
+                       for fmt, batch, tps in (("float16", 1, 250.0), ("float16", 32, 6000.0), ("int8", 1, 20.0),
+                                               ("int8", 32, 500.0), ("nf4", 1, 80.0), ("nf4", 32, 1500.0))]}
+
+
+def run_09_with(preamble: str, cache: Path) -> str:
+    """Run notebook 09 top to bottom after `preamble` (a cell of its own, first) in one kernel, with a cache of its own
+    that links the suite's checkpoints (its offload folders never meet those of nbmake's run beside it); return the
+    text of every output. Raises CellExecutionError at the first failing cell."""
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from helpers.paths import CACHE_ENV, cache_dir
+
+    cache.mkdir(parents=True)
+    (cache / "checkpoints").symlink_to(cache_dir("checkpoints"), target_is_directory=True)
+    nb = nbformat.read(ROOT / "notebooks" / "09_capstone_70b_on_a100.ipynb", as_version=4)
+    nb.cells.insert(0, nbformat.v4.new_code_cell(preamble))
+    client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}})
+    with client.setup_kernel(env={**os.environ, CACHE_ENV: str(cache)}):
+        for index, cell in enumerate(nb.cells):
+            client.execute_cell(cell, index)
+    return "\n".join(out.get("text", "") + "".join(out.get("data", {}).get("text/markdown", ""))
+                     for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", []))
+
+
+def test_09_decision_renders_the_state_data_results_does_not_have(tmp_path):
+    """nbmake runs 09 on the committed results; this runs it with the other state of the quantisation speed."""
+    from helpers.models import meta_model
+    from helpers.paths import RESULTS_DIR
+    from helpers.quantization import card_memory_bandwidth, load_speed_results, predict_footprint
+
+    committed = [r for r in load_speed_results(RESULTS_DIR) if card_memory_bandwidth(r["card"])]
+    fake = [] if committed else [FAKE_SPEED]
+    text = run_09_with("import helpers.quantization as q\n"  # the notebook imports load_speed_results after this
+                       f"q.load_speed_results = lambda folder: {fake!r}", tmp_path / "cache")
+    if not fake:
+        assert "**Not yet measured**" in text and "not yet decided by a measurement" in text
+        assert text.count("| not yet measured (memory floor ") == 2  # int8 and NF4, each with the planner's floor
+        return
+    assert "Not yet measured" not in text and "not yet measured" not in text
+    nf4 = predict_footprint(meta_model(load_config("llama-2-70b")), "nf4").total
+    expected = 1 / 80.0 * nf4 / 3_898_667_008 * 4.8e12 / 2.039e12  # s/step: x stored bytes x bandwidth ratio
+    assert f"{expected:.3f} (estimate; memory floor " in text
+    assert "**Chat latency: NF4 resident**" in text and "quantization-nvidia-h200.json" in text

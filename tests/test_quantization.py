@@ -163,3 +163,57 @@ def test_stored_skeleton_refuses_what_it_cannot_plan():
         stored_skeleton(meta_model(load_config("gpt2")), "nf4")
     with pytest.raises(ValueError, match="already sized"):
         stored_skeleton(stored_skeleton(meta_model(small_config()), "nf4"), "int8")
+
+
+# --- the decision of notebook 09: load_kwargs, quality_costs, scaled_speed ---
+
+
+def test_load_kwargs_are_what_notebook_12_loads_with():
+    from helpers.quantization import load_kwargs
+
+    assert load_kwargs("float32") == {"dtype": torch.float32} and load_kwargs("float16") == {"dtype": torch.float16}
+    int8, nf4, dq = (load_kwargs(f)["quantization_config"] for f in ("int8", "nf4", "nf4-dq"))
+    assert int8.load_in_8bit and nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4"
+    assert not nf4.bnb_4bit_use_double_quant and dq.bnb_4bit_use_double_quant
+    assert nf4.bnb_4bit_compute_dtype == torch.float16 and load_kwargs("nf4")["dtype"] == torch.float16
+    assert type(load_kwargs("torchao-int8")["quantization_config"]).__name__ == "TorchAoConfig"
+    with pytest.raises(ValueError, match="unknown format"):
+        load_kwargs("int3")
+
+
+def test_quality_costs_against_float32(tmp_path):
+    from helpers.quantization import quality_costs
+
+    torch.manual_seed(0)
+    replica = tmp_path / "replica"
+    AutoModelForCausalLM.from_config(small_config()).save_pretrained(replica)
+    costs = quality_costs(["float32", "float16", "int8"], TINY, replica, tokens=8)
+    assert costs["float32"].perplexity_change == 0 and costs["float32"].replica.relative == 0
+    assert abs(costs["float16"].perplexity_change) < 0.005 and costs["float16"].replica.relative < 0.01
+    assert 0 < costs["int8"].replica.relative < 0.1 and "int8" in repr(costs["int8"])
+
+
+def speed_result(card="NVIDIA H200"):
+    return {"card": card, "model": "llama-2-7b", "loads": {"nf4": {"stored_bytes": 4 * 10**9}},
+            "runs": [{"format": "nf4", "batch_size": 1, "tokens_per_s": 50.0},
+                     {"format": "nf4", "batch_size": 32, "tokens_per_s": 800.0}]}
+
+
+def test_scaled_speed_scales_by_stored_bytes_and_bandwidth():
+    from helpers.planner import DATASHEET_MEMORY_BANDWIDTH
+    from helpers.quantization import card_memory_bandwidth, scaled_speed
+
+    a100 = DATASHEET_MEMORY_BANDWIDTH["A100 80 GB"]
+    assert card_memory_bandwidth("NVIDIA H200") == 4.8e12 and card_memory_bandwidth("NVIDIA A100-SXM4-80GB") == a100
+    assert card_memory_bandwidth("NVIDIA H100 80GB HBM3") == DATASHEET_MEMORY_BANDWIDTH["H100 80 GB"]
+    assert card_memory_bandwidth("Some other card") is None
+    one = scaled_speed(speed_result(), "nf4", 1, 40 * 10**9, a100)
+    assert one.measured_seconds_per_step == pytest.approx(0.02)
+    assert one.seconds_per_step == pytest.approx(0.02 * 10 * 4.8e12 / a100)  # 10x the bytes, a slower card
+    assert one.tokens_per_s == pytest.approx(1 / one.seconds_per_step) and "NVIDIA H200" in repr(one)
+    batch = scaled_speed(speed_result(), "nf4", 32, 40 * 10**9, a100)
+    assert batch.tokens_per_s == pytest.approx(800.0 / 10 / (4.8e12 / a100))
+    # nothing measured to scale: no such format or batch, or a card whose bandwidth is not known
+    assert scaled_speed(speed_result(), "int8", 1, 1, a100) is None
+    assert scaled_speed(speed_result(), "nf4", 8, 1, a100) is None
+    assert scaled_speed(speed_result("Some other card"), "nf4", 1, 1, a100) is None
