@@ -179,7 +179,7 @@ def measure(tiny: bool, steps: int) -> dict:
               "int8_bound_over_float16_bound": q8["bound"] / fp16["bound"]}
     ratios["goal_met"] = ratios["int8_over_float16"] <= GOAL
     return {
-        "card": card, "date": datetime.datetime.now(datetime.UTC).date().isoformat(),
+        "card": card, "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers_version,
                      "accelerate": accelerate_version, "python": platform.python_version(), "cuda": torch.version.cuda},
         "host": {"cpus": os.cpu_count(), "platform": platform.platform()},
