@@ -335,7 +335,9 @@ def test_the_reserve_row_names_the_largest_module_when_it_is_not_a_block():
         gemma = AutoModelForCausalLM.from_config(load_config("gemma-2-2b"), dtype=torch.float16)
     gemma.tie_weights()
     size, names = largest_layer(gemma, list(gemma._no_split_modules), torch.float16)
-    assert names == ["model.embed_tokens"] and size == 256_000 * 2304 * 2
+    embedding = gemma.model.embed_tokens  # its weight, and Gemma's embedding scale (a float16 buffer)
+    assert names == ["model.embed_tokens"]
+    assert size == sum(t.numel() * t.element_size() for t in [*embedding.parameters(), *embedding.buffers()])
     assert describe_largest(names, block_names(gemma)) == "`model.embed_tokens`"
     llama = meta_model(load_config("llama-2-70b"), torch.float16)
     _, names = largest_layer(llama, list(llama._no_split_modules), torch.float16)
