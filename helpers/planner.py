@@ -93,9 +93,11 @@ class SpeedEstimate:
     pageable_seconds: float = float("nan")  # offloaded bytes over PCIe from pageable memory: accelerate's rate
 
     def __repr__(self) -> str:
+        mapped_disk = self.accelerate_seconds - self.resident_seconds - self.pageable_seconds
+        disk_term = f" + mapped disk reads {mapped_disk:.3g}" if self.disk_seconds > 0 else ""
         return (f"SpeedEstimate(accelerate {self.accelerate_seconds:.3g} s/token = compute "
-                f"{self.resident_seconds:.3g} + PCIe from pageable memory {self.pageable_seconds:.3g} + mapped disk "
-                f"reads; bound {self.bound_seconds:.3g} s/token = max(compute {self.resident_seconds:.3g}, PCIe from "
+                f"{self.resident_seconds:.3g} + PCIe from pageable memory {self.pageable_seconds:.3g}{disk_term}; "
+                f"bound {self.bound_seconds:.3g} s/token = max(compute {self.resident_seconds:.3g}, PCIe from "
                 f"pinned memory {self.pcie_seconds:.3g}, disk {self.disk_seconds:.3g}))")
 
 
