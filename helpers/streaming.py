@@ -812,6 +812,43 @@ def time_decode(model: torch.nn.Module, device: str | torch.device, *, prompt_to
 
 
 @torch.no_grad()
+def time_steady_decode(model: torch.nn.Module, device: str | torch.device, *, prompt_tokens: int = 16,
+                       steps: int = 10) -> dict:
+    """Seconds per token over `steps` consecutive decode steps, nothing synchronised between them (batch 1).
+
+    As generation runs: each step's greedy token stays on the device and feeds the next step, so a streamer's
+    copies for the next step overlap this one and every copy falls inside the timed span, unlike `time_decode`,
+    which synchronises the device before each step. One untimed step first; on a GPU the span is measured with
+    CUDA events on the current stream. Run it after `time_decode` with as many steps or more, so that every
+    KV-cache length was seen before (see `time_decode`'s `replay`). Returns the seconds per token and the
+    logits of every step (the untimed one first).
+    """
+    cache_name = cache_argument(model)
+    cuda = torch.device(device).type == "cuda"
+    out = model(prompt_ids(prompt_tokens, model.config.vocab_size).to(device), use_cache=True)
+    cache, token = getattr(out, cache_name), out.logits[:, -1:].argmax(-1)
+    logits = []
+    for k in range(1 + steps):
+        if k == 1:  # the clock starts once the untimed step's kernels are queued; nothing waits for anything
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
+            else:
+                started = time.perf_counter()
+        out = model(token, use_cache=True, **{cache_name: cache})
+        token = out.logits[:, -1:].argmax(-1)
+        logits.append(out.logits[0, -1])
+    if cuda:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds / steps, "steps": steps, "logits": torch.stack(logits).float().cpu()}
+
+
+@torch.no_grad()
 def time_prefill(model: torch.nn.Module, device: str | torch.device, *, tokens: int = 512, repeats: int = 3,
                  warmup: int = 1, before_step: Callable[[], None] | None = None) -> dict:
     """Seconds per prefill of `tokens` tokens (batch 1, a fresh KV cache each time), and the last logits."""
@@ -926,10 +963,13 @@ class Bound:
                 f"{self.transfer_seconds * 1e3:.1f} ms))")
 
 
-BELOW_BOUND = ("below the bound, which no step can be: the bound's terms were measured apart from this step (at other "
-               "moments, on other bytes), and this step met a faster link, or, where the compute term sets the bound, "
-               "quicker kernel launches: a small model's step on a GPU is mostly the CPU launching kernels, whose "
-               "speed varies from one moment to the next")
+BELOW_BOUND = ("below the bound, which no whole step can be: either the bound's terms were measured apart from this "
+               "step (at other moments, on other bytes), and this step met a faster link, or, where the compute term "
+               "sets the bound, quicker kernel launches: a small model's step on a GPU is mostly the CPU launching "
+               "kernels, whose speed varies from one moment to the next; or the clock missed part of the step: "
+               "time_decode synchronises the device before each step, so a prefetching streamer's copies of the first "
+               "layers, issued during the previous step, finish before the clock starts (time_steady_decode times "
+               "consecutive steps, as generation runs them, and misses none)")
 
 
 def against_bound(seconds: float, bound: float) -> str:

@@ -195,6 +195,16 @@ def test_decode_timing_reports_median_fastest_and_every_step(checkpoints):
     assert timed["min_seconds"] == min(timed["all_seconds"]) <= timed["seconds"]
 
 
+def test_steady_decode_times_consecutive_steps_with_the_logits_of_time_decode(checkpoints):
+    device_map = streaming.layer_device_map(LAYERS, "cpu", streaming.split_placement(LAYERS, disk=2))
+    streamed = streaming.stream_model(skeleton(), checkpoints["float32"].folder, device_map, depth=2)
+    decode = streaming.time_decode(streamed.model, "cpu", prompt_tokens=5, steps=4, warmup=1)
+    steady = streaming.time_steady_decode(streamed.model, "cpu", prompt_tokens=5, steps=3)
+    assert steady["steps"] == 3 and steady["seconds"] > 0
+    assert torch.equal(steady["logits"], decode["logits"][:4])  # the same tokens, step by step
+    streamed.close()
+
+
 def test_a_ratio_under_the_bound_is_never_printed_bare():
     assert streaming.against_bound(0.03, 0.02) == "1.50x the bound"
     below = streaming.against_bound(0.018, 0.02)
@@ -386,7 +396,9 @@ def test_int8_benchmark_smoke_run_writes_both_ratios(tmp_path):
     assert ratios["float16_over_its_bound"] == results["float16"]["decode"] / results["float16"]["bound"]
     assert results["int8"]["equals_hand_reference"] is True
     assert 0.5 < results["bytes"]["int8_per_step"] / results["bytes"]["float16_per_step"] < 0.55
-    assert "int8 / float16 streamer" in completed.stdout
+    assert "int8 / float16 streamer" in completed.stdout and "int8 / float16 streamer, steady" in completed.stdout
+    assert ratios["int8_over_float16_steady"] == results["int8"]["steady_decode"] / results["float16"]["steady_decode"]
+    assert all(results[k]["steady_logits_equal_decode"] for k in ("resident", "float16", "int8"))
 
 
 @pytest.mark.parametrize("results", streaming.int8_results(), ids=lambda r: r["card"])
