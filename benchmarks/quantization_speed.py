@@ -47,18 +47,6 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def load_kwargs(fmt: str, dtype: torch.dtype) -> dict:
-    from transformers import BitsAndBytesConfig
-
-    if fmt == "float16":
-        return {"dtype": dtype}
-    if fmt == "int8":
-        return {"dtype": dtype, "quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
-    return {"dtype": dtype, "quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_use_double_quant=fmt == "nf4-dq")}
-
-
 def write_checkpoint(config, folder: Path, device: str, dtype: torch.dtype) -> None:
     """Deterministic random weights (std = initializer_range), saved once as safetensors."""
     from transformers import AutoModelForCausalLM
@@ -142,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from helpers.models import load_config
     from helpers.paths import RESULTS_DIR
-    from helpers.quantization import measure_footprint
+    from helpers.quantization import load_kwargs, measure_footprint
 
     device = "cuda:0" if on_gpu else "cpu"
     dtype = torch.float16
