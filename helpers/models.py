@@ -135,7 +135,7 @@ class VirtualA100:
     real_fp32_bytes: int
 
     def __repr__(self) -> str:
-        return (f"VirtualA100(budget {self.budget_bytes / 2**20:,.1f} MiB; the replica in float32 is "
+        return (f"VirtualA100(budget {self.budget_bytes / 2**20:,.1f} MiB; the model in float32 is "
                 f"{self.scale:.3f} budgets, as Llama-2-70B's {self.real_fp32_bytes / 1e9:.1f} GB is "
                 f"{self.scale:.3f} x 80 GB)")
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +132,19 @@ class LessonBudget:
 
 
 
+def _quiet_plan(model: torch.nn.Module, max_memory: dict, strategy: str, no_split: list[str] | None,
+                dtype: torch.dtype | None) -> dict:
+    """`plan_device_map` without warnings: these trial plans (GPU 0 alone, a bisection's guesses) are never dispatched.
+
+    On a GPU, `infer_auto_device_map` warns "Current model requires N bytes of buffer for offloaded layers, which
+    seems does not fit any GPU's remaining memory" whenever a trial budget leaves GPU 0 less than its reserve plus
+    the offloaded modules' buffers (it counts the reserve as used when it moves on to the next device).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return plan_device_map(model, max_memory, strategy, no_split, dtype)
+
+
 def minimum_budget(model: torch.nn.Module, dtype: torch.dtype | None = None, first="cpu",
                    no_split: list[str] | None = None) -> int:
     """The least budget (to 1 KiB) for which accelerate's planner puts the first decoder block, whole, on `first`.
@@ -145,7 +159,7 @@ def minimum_budget(model: torch.nn.Module, dtype: torch.dtype | None = None, fir
     low, high = 0, int(compute_module_sizes(model, dtype=dtype)[""]) * 2
     while high - low > 1024:
         middle = (low + high) // 2
-        plan = plan_device_map(model, {first: middle}, "sequential", no_split, dtype)
+        plan = _quiet_plan(model, {first: middle}, "sequential", no_split, dtype)
         if device_of(first_block, plan) == first:
             high = middle
         else:
@@ -163,7 +177,7 @@ def lesson_budget(model: torch.nn.Module, ratio_bytes: int, dtype: torch.dtype |
 
     total = int(compute_module_sizes(model, dtype=dtype)[""])
     budget = LessonBudget(ratio_bytes, minimum_budget(model, dtype, first), total)
-    plan = plan_device_map(model, {first: budget.bytes}, "sequential", list(model._no_split_modules), dtype)
+    plan = _quiet_plan(model, {first: budget.bytes}, "sequential", list(model._no_split_modules), dtype)
     if all(device == first for device in plan.values()):
         layout = layout_of(model)
         raise CannotTeach(f"{layout.model_class} has {layout.num_blocks} decoder block(s): the least budget that holds "
@@ -183,7 +197,7 @@ def lesson_cpu_budget(model: torch.nn.Module, gpu_bytes: int, dtype: torch.dtype
     last_block = block_names(model)[-1]
 
     def leaves_disk(cpu_bytes: int) -> bool:
-        plan = plan_device_map(model, {0: gpu_bytes, "cpu": cpu_bytes}, "auto", no_split, dtype)
+        plan = _quiet_plan(model, {0: gpu_bytes, "cpu": cpu_bytes}, "auto", no_split, dtype)
         return device_of(last_block, plan) == "disk"
 
     low, high = 0, 2 * gpu_bytes  # lesson_budget saw to it that GPU 0 alone does not hold the model

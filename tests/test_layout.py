@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -113,6 +115,24 @@ def test_the_replica_beside_a_gpu_keeps_two_budgets_of_cpu_ram():
     model = skeleton(replica_config())
     budget = lesson_budget(model, virtual_a100(replica_config()).budget_bytes, first=0).bytes
     assert lesson_cpu_budget(model, budget) == 2 * budget
+
+
+def test_the_helpers_trial_plans_for_gpu_0_do_not_warn():
+    """On the H200, 05's first cell showed accelerate's "Current model requires 384 bytes of buffer for offloaded
+    layers" warning: a bisection's trial budget for GPU 0 alone left no room beside the reserve for the rotary
+    embedding's buffers. The trial plans are never dispatched, so lesson_budget and lesson_cpu_budget keep quiet;
+    a plan that warns is still shown to the caller (planning works the same without the GPU)."""
+    model = skeleton(replica_config())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        budget = lesson_budget(model, virtual_a100(replica_config()).budget_bytes, first=0).bytes
+        lesson_cpu_budget(model, budget)
+        minimum_budget(model, torch.float16, 0)
+    assert not caught, [str(w.message) for w in caught]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan_device_map(model, {0: budget // 8, "cpu": budget}, "auto", list(model._no_split_modules))
+    assert any("bytes of buffer for offloaded layers" in str(w.message) for w in caught)
 
 
 def test_a_model_too_small_to_offload_cannot_be_taught():
