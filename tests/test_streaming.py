@@ -407,6 +407,7 @@ def test_committed_int8_results_have_what_the_notebook_reads(results):
                 "logit_error", "ratios"):
         assert key in results, key
     assert not results["tiny"] and results["placement"]["layers_on"] == "cpu"
+    assert results["placement"]["depth"] < results["model"]["num_hidden_layers"]
     for name in ("float16", "int8"):
         assert {"decode", "bound", "bytes_per_step"} <= set(results[name])
     assert {"int8_over_float16", "int8_over_its_bound", "float16_over_its_bound"} <= set(results["ratios"])
