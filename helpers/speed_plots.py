@@ -67,8 +67,9 @@ def plot_against_bound(rows: Sequence[tuple[str, float, float]], *, title: str =
     return fig
 
 
-#: the other benchmarks' files in data/results/ (benchmarks/capstone_70b.py, benchmarks/multi_gpu_pipeline.py)
-OTHER_BENCHMARKS = ("capstone-70b-", "multi-gpu-")
+#: the other benchmarks' files in data/results/ (benchmarks/capstone_70b.py, multi_gpu_pipeline.py,
+#: quantization_speed.py, int8_streaming.py)
+OTHER_BENCHMARKS = ("capstone-70b-", "multi-gpu-", "quantization-", "int8-streaming-")
 
 
 def offload_result_paths(folder: str | Path = RESULTS_DIR) -> list[Path]:
