@@ -465,12 +465,14 @@ def test_pinned_in_place_is_exact_and_fast():
 @pytest.mark.gpu
 def test_gpu_int8_streamer_from_host_memory_equals_a_hand_dequantised_model(checkpoints, int8_folders):
     folder = checkpoints["float16"].folder
+    placement = streaming.split_placement(LAYERS, cpu=3)  # the last 3 layers streamed from host memory, in int8
     resident = streaming.stream_model(skeleton("float16"), folder, streaming.layer_device_map(LAYERS, 0))
-    for module in resident.model.model.layers.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight.data.copy_(by_hand(module.weight.cpu(), torch.float16))  # quantised on the CPU, as stored
+    for index in placement:  # only the streamed layers are int8; the resident ones keep their float16 weights
+        for module in resident.model.model.layers[index].modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.data.copy_(by_hand(module.weight.cpu(), torch.float16))  # quantised as stored
     expected = run(resident.model, "cuda:0")
-    device_map = streaming.layer_device_map(LAYERS, 0, streaming.split_placement(LAYERS, cpu=3))
+    device_map = streaming.layer_device_map(LAYERS, 0, placement)
     streamed = streaming.stream_model(skeleton("float16"), folder, device_map, depth=2,
                                       int8_folder=int8_folders["float16"])
     got = run(streamed.model, "cuda:0")
