@@ -15,7 +15,8 @@ Modules:
     device_maps  plan device maps as accelerate does, summarise and draw them, read offload folders
     tracing      records accelerate's hook calls at inference: which module, where its weights are, when, memory
     offload      a minimal offloader on PyTorch forward hooks
-    streaming    a prefetching streamer: pinned host buffers, a side CUDA stream, read-ahead from disk
+    streaming    a prefetching streamer: pinned host buffers, a side CUDA stream, read-ahead from disk;
+                 int8 layers sent with their scales and dequantised on the device
     speed_plots  the figures of notebook 08 (seconds per token against the bound)
     multi_gpu    a layer-wise split over several GPUs traced block by block; pipeline utilisation
     tensor_parallel  transformers' tensor-parallel plan under torchrun: what each rank runs, the launcher
