@@ -971,15 +971,44 @@ BELOW_BOUND = ("below the bound, which no whole step can be: either the bound's 
                "layers, issued during the previous step, finish before the clock starts (time_steady_decode times "
                "consecutive steps, as generation runs them, and misses none)")
 
+# The one cause of a ratio under 1 that fits a row, when the caller knows which term set its bound and how it was timed.
+BELOW_BOUND_CAUSES = {
+    "compute": ("below the bound, which no whole step can be: the compute term sets this bound, and it was measured "
+                "at other moments; a step's compute varies from one moment to the next (a small model's step on a "
+                "GPU is mostly the CPU launching kernels)"),
+    "link": ("below the bound, which no whole step can be: the link term sets this bound, and the bandwidth was "
+             "measured apart from this step (at another moment, on other bytes): this step met a faster link"),
+    "link, time_decode": ("below the bound, which no whole step can be: the link term sets this bound, and "
+                          "time_decode synchronises the device before each step, so a prefetching streamer's copies "
+                          "of the first layers, issued during the previous step, finish before the clock starts "
+                          "(time_steady_decode times consecutive steps, as generation runs them, and misses none)"),
+}
 
-def against_bound(seconds: float, bound: float) -> str:
-    """'1.15x the bound'; a ratio under 1 is printed with its reason (BELOW_BOUND), never bare."""
+
+def against_bound(seconds: float, bound: float, cause: str | None = None) -> str:
+    """'1.15x the bound'; a ratio under 1 is printed with its reason, never bare.
+
+    `cause` picks the one reason that fits the row (a key of BELOW_BOUND_CAUSES: "compute" when the resident term
+    sets the bound, "link" when the link does, "link, time_decode" when it does and time_decode timed the step);
+    without it every possible reason is printed (BELOW_BOUND).
+    """
     ratio = seconds / bound
-    return f"{ratio:.2f}x the bound" + (f" ({BELOW_BOUND})" if ratio < 1 else "")
+    why = BELOW_BOUND_CAUSES[cause] if cause else BELOW_BOUND
+    return f"{ratio:.2f}x the bound" + (f" ({why})" if ratio < 1 else "")
 
 
-def ratio_table(rows: Iterable[tuple[str, float, float]]) -> str:
-    """A text table of (label, seconds, bound seconds) rows with each time's ratio to its bound (under 1: why)."""
+def below_bound_cause(bound: Bound, timed_with_time_decode: bool = True) -> str:
+    """The key of BELOW_BOUND_CAUSES that fits a step measured against `bound`: which term sets it, how it was timed."""
+    if bound.resident_seconds >= bound.transfer_seconds:
+        return "compute"
+    return "link, time_decode" if timed_with_time_decode else "link"
+
+
+def ratio_table(rows: Iterable[tuple[str, float, float]], cause: str | None = None) -> str:
+    """A text table of (label, seconds, bound seconds) rows with each time's ratio to its bound (under 1: why).
+
+    `cause`: as in against_bound, the one reason for a ratio under 1 that fits every row; without it, all of them.
+    """
     lines = [f"{'':<44} {'seconds':>9} {'bound':>9} {'ratio':>7}"]
     below = False
     for label, seconds, bound in rows:
@@ -987,7 +1016,7 @@ def ratio_table(rows: Iterable[tuple[str, float, float]]) -> str:
         below = below or bool(mark)
         lines.append(f"{label:<44} {seconds:>9.4f} {bound:>9.4f} {seconds / bound:>6.2f}x{mark}")
     if below:
-        lines.append(f"* {BELOW_BOUND}")
+        lines.append(f"* {BELOW_BOUND_CAUSES[cause] if cause else BELOW_BOUND}")
     return "\n".join(lines)
 
 
@@ -1034,6 +1063,8 @@ def accelerate_model(config, checkpoint_folder: str | Path, device_map: Mapping[
     from accelerate.utils import load_checkpoint_in_model
     from transformers import AutoModelForCausalLM
 
+    from .loading import no_accelerate_bars
+
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     on_disk = any(v == "disk" for v in device_map.values())
@@ -1042,7 +1073,8 @@ def accelerate_model(config, checkpoint_folder: str | Path, device_map: Mapping[
     # Disk layers are loaded into RAM for a moment: dispatch_model's hooks replace them with meta tensors,
     # and from then on read them from the offload folder.
     load_map = {k: ("cpu" if v == "disk" else v) for k, v in device_map.items()}
-    load_checkpoint_in_model(model, str(checkpoint_folder), device_map=load_map, dtype=dtype)
+    with no_accelerate_bars():  # accelerate draws a per-weight bar here, with no switch for it
+        load_checkpoint_in_model(model, str(checkpoint_folder), device_map=load_map, dtype=dtype)
     if not any(isinstance(v, int) or str(v).startswith("cuda") for v in device_map.values()):
         # On a CPU the resident weights are now views into safetensors' memory map, at the file's 8-byte
         # alignment; the CPU's matrix-vector kernel rounds differently for data not aligned to 16 bytes, so

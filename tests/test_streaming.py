@@ -214,6 +214,20 @@ def test_a_ratio_under_the_bound_is_never_printed_bare():
     assert "*" not in streaming.ratio_table([("slow", 0.03, 0.02)])
 
 
+def test_a_ratio_under_the_bound_gets_the_one_cause_that_fits_its_row():
+    compute_set = streaming.Bound(0.02, 10**6, 10**9)  # transfer 1 ms < resident 20 ms
+    link_set = streaming.Bound(0.001, 10**8, 10**9)  # transfer 100 ms > resident 1 ms
+    assert streaming.below_bound_cause(compute_set) == "compute"
+    assert streaming.below_bound_cause(link_set) == "link, time_decode"
+    assert streaming.below_bound_cause(link_set, timed_with_time_decode=False) == "link"
+    for cause, text in streaming.BELOW_BOUND_CAUSES.items():
+        below = streaming.against_bound(0.018, 0.02, cause)
+        assert below == f"0.90x the bound ({text})" and streaming.BELOW_BOUND not in below
+        assert streaming.against_bound(0.03, 0.02, cause) == "1.50x the bound"  # over 1: no cause at all
+        table = streaming.ratio_table([("slow", 0.03, 0.02), ("fast", 0.018, 0.02)], cause)
+        assert table.splitlines()[-1] == f"* {text}"
+
+
 def test_bound_is_the_larger_term():
     bound = streaming.Bound(resident_seconds=0.01, offloaded_bytes=10**9, bandwidth=50e9)
     assert bound.seconds == pytest.approx(0.02)
