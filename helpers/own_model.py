@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +146,18 @@ def _quiet_plan(model: torch.nn.Module, max_memory: dict, strategy: str, no_spli
         return plan_device_map(model, max_memory, strategy, no_split, dtype)
 
 
+def _bisect_bytes(low: int, high: int, holds: Callable[[int], bool], step: int = 1024) -> tuple[int, int]:
+    """Narrow [low, high] to `step` bytes around where `holds` turns True (False at low, True at high, monotone):
+    (the largest byte count tried where it does not hold, the smallest where it does)."""
+    while high - low > step:
+        middle = (low + high) // 2
+        if holds(middle):
+            high = middle
+        else:
+            low = middle
+    return low, high
+
+
 def minimum_budget(model: torch.nn.Module, dtype: torch.dtype | None = None, first="cpu",
                    no_split: list[str] | None = None) -> int:
     """The least budget (to 1 KiB) for which accelerate's planner puts the first decoder block, whole, on `first`.
@@ -156,15 +169,11 @@ def minimum_budget(model: torch.nn.Module, dtype: torch.dtype | None = None, fir
 
     no_split = list(model._no_split_modules) if no_split is None else no_split
     first_block = block_names(model)[0]  # read once: the layout does not change between plans
-    low, high = 0, int(compute_module_sizes(model, dtype=dtype)[""]) * 2
-    while high - low > 1024:
-        middle = (low + high) // 2
-        plan = _quiet_plan(model, {first: middle}, "sequential", no_split, dtype)
-        if device_of(first_block, plan) == first:
-            high = middle
-        else:
-            low = middle
-    return high
+
+    def holds_first_block(budget: int) -> bool:
+        return device_of(first_block, _quiet_plan(model, {first: budget}, "sequential", no_split, dtype)) == first
+
+    return _bisect_bytes(0, int(compute_module_sizes(model, dtype=dtype)[""]) * 2, holds_first_block)[1]
 
 
 def lesson_budget(model: torch.nn.Module, ratio_bytes: int, dtype: torch.dtype | None = None,
@@ -200,16 +209,10 @@ def lesson_cpu_budget(model: torch.nn.Module, gpu_bytes: int, dtype: torch.dtype
         plan = _quiet_plan(model, {0: gpu_bytes, "cpu": cpu_bytes}, "auto", no_split, dtype)
         return device_of(last_block, plan) == "disk"
 
-    low, high = 0, 2 * gpu_bytes  # lesson_budget saw to it that GPU 0 alone does not hold the model
-    if leaves_disk(high):
-        return high
-    while high - low > 1024:
-        middle = (low + high) // 2
-        if leaves_disk(middle):
-            low = middle
-        else:
-            high = middle
-    return low
+    if leaves_disk(2 * gpu_bytes):
+        return 2 * gpu_bytes
+    # lesson_budget saw to it that GPU 0 alone does not hold the model: with no CPU RAM the last block is on disk
+    return _bisect_bytes(0, 2 * gpu_bytes, lambda cpu_bytes: not leaves_disk(cpu_bytes))[0]
 
 
 def check_fits_machine(needed_bytes: int, available_bytes: int, what: str) -> None:
